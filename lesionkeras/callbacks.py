@@ -1,0 +1,80 @@
+"""Callbacks of every `fit`: learning-rate logging, TensorBoard images, NaN stop."""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds the current `learning_rate` to the epoch logs (history.csv, TensorBoard)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or self.model.optimizer is None:
+            return
+        lr = self.model.optimizer.learning_rate
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops training at the first non-finite loss and remembers where.
+
+    Unlike `keras.callbacks.TerminateOnNaN` it keeps the place, so the command
+    can end with one clear message instead of a run that silently stopped.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.where = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.where = (self._epoch + 1, batch + 1)
+            self.model.stop_training = True
+
+
+def image_grid(images, truths, probs):
+    """Rows of `input | truth | prediction` as one uint8 (1, H*n, W*3, 3) image."""
+    rows = []
+    for img, t, p in zip(images, truths, probs):
+        t3 = np.repeat((t[..., :1] * 255).astype(np.uint8), 3, axis=-1)
+        p3 = np.repeat((np.clip(p[..., :1], 0, 1) * 255).astype(np.uint8), 3, axis=-1)
+        rows.append(np.concatenate([img.astype(np.uint8), t3, p3], axis=1))
+    return np.concatenate(rows, axis=0)[None]
+
+
+class ImageGrid(keras.callbacks.Callback):
+    """Writes `input | truth | prediction` of fixed validation images to TensorBoard.
+
+    Args:
+        logdir: str. TensorBoard directory; images go to `logdir/images`.
+        raw_images: uint8 (n, S, S, 3). The images as shown.
+        inputs: float32 (n, S, S, 3). The same images as the model sees them.
+        truths: float32 (n, S, S, 1). Their masks.
+        every: int. Write every this many epochs (and after the first).
+    """
+
+    def __init__(self, logdir, raw_images, inputs, truths, every=5):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(str(logdir) + "/images")
+        self.raw_images, self.inputs, self.truths = raw_images, inputs, truths
+        self.every = every
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.every or (epoch % self.every and epoch != 0):
+            return
+        logits = self.model.predict_on_batch(self.inputs)
+        probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float32)))
+        grid = image_grid(self.raw_images, self.truths, probs)
+        with self.writer.as_default():
+            tf.summary.image("validation/input_truth_prediction", grid, step=epoch)
+        self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        self.writer.close()

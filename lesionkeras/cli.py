@@ -1,0 +1,240 @@
+"""The `lesionkeras` command line: thin commands that parse, validate and call the API.
+
+Expected failures (bad input, bad config) print one line per problem and exit
+2 with no traceback; a failed job (e.g. NaN loss) exits 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import click
+
+# TensorFlow's C++ start-up chatter hides the messages users need; keep errors.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from lesionkeras import __version__  # noqa: E402
+from lesionkeras import config as config_lib  # noqa: E402
+from lesionkeras.errors import LesionKerasError  # noqa: E402
+
+
+def _fail(lines, code):
+    for line in lines:
+        click.echo(f"error: {line}" if not line.startswith(("error:", "warning:")) else line, err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn):
+    """Turns expected failures into one line each and the documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LesionKerasError as e:
+            from lesionkeras.trainers.run import TrainingError
+
+            lines = e.lines() if hasattr(e, "lines") else [str(e)]
+            _fail(lines, 1 if isinstance(e, TrainingError) else 2)
+
+    return wrapper
+
+
+# Shared options (module constants, as commands reuse them).
+DATA_OPTION = click.option(
+    "--data", "data", default=None,
+    help="Data folder (ISIC, PH2, images/+masks/), manifest CSV, or `synthetic` (default).",
+)
+LIMIT_OPTION = click.option(
+    "--limit", type=click.IntRange(min=0), default=None, help="Use only the first N images."
+)
+THRESHOLD_OPTION = click.option(
+    "--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+    help="Probability threshold (default: the one stored with the model).",
+)
+BATCH_OPTION = click.option(
+    "--batch-size", type=click.IntRange(min=1), default=None, help="Batch size."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lesionkeras")
+def main():
+    """Skin-lesion segmentation from imperfect annotations (Keras 3 / TensorFlow)."""
+
+
+# Flag name -> dotted config key; every flag overrides the config file.
+FIT_FLAGS = {
+    "method": "method", "data": "data.source", "out": "out", "model": "model.name",
+    "epochs": "train.epochs", "batch_size": "train.batch_size",
+    "image_size": "data.image_size", "lr": "train.lr", "seed": "seed",
+    "limit": "data.limit", "strategy": "train.strategy",
+    "mixed_precision": "train.mixed_precision", "optimizer": "train.optimizer",
+    "weight_decay": "train.weight_decay", "loss": "train.loss",
+    "val_fraction": "data.val_fraction", "filters": "model.filters", "depth": "model.depth",
+    "progress": "train.progress",
+}
+
+
+@main.command()
+@click.option("--method", type=click.Choice(config_lib.METHODS), default=None,
+              help="Training method (default: baseline).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML config; flags override its keys.")
+@DATA_OPTION
+@click.option("--out", default=None, help="Run directory (default: runs/<method>-<time>).")
+@click.option("--model", default=None, help="Registered model name (default: unet).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@BATCH_OPTION
+@click.option("--image-size", type=click.IntRange(min=16), default=None,
+              help="Model input side in pixels.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Learning rate.")
+@click.option("--seed", type=int, default=None, help="Seed of every random choice.")
+@LIMIT_OPTION
+@click.option("--strategy", type=click.Choice(["auto", "default", "mirrored", "multiworker"]),
+              default=None, help="Distribution strategy.")
+@click.option("--resume", "resume", type=click.Path(file_okay=False), default=None,
+              help="Continue the interrupted run in this directory.")
+@click.option("--mixed-precision/--no-mixed-precision", default=None,
+              help="Mixed precision (bfloat16 on CPU, float16 on GPU).")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default=None)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None)
+@click.option("--loss", type=click.Choice(["bce", "dice", "jaccard", "bce+dice", "bce+jaccard"]),
+              default=None)
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None)
+@click.option("--filters", type=click.IntRange(min=1), default=None, help="U-Net base filters.")
+@click.option("--depth", type=click.IntRange(min=1), default=None, help="U-Net depth.")
+@click.option("--progress/--no-progress", default=None, help="Keras progress bar (default on).")
+@handle_errors
+def fit(config_file, resume, **flags):
+    """Train a model; writes a run directory (config, checkpoints, TensorBoard)."""
+    overrides = {FIT_FLAGS[k]: v for k, v in flags.items() if v is not None}
+    if resume:
+        if config_file:
+            raise click.UsageError("--resume reads the run's own config; drop --config.")
+        cfg = config_lib.load_config(Path(resume) / "config.toml")
+        cfg = cfg.override(overrides)
+    else:
+        cfg = config_lib.load_config(config_file, overrides)
+
+    from lesionkeras.trainers import run
+
+    try:
+        result = run.fit(cfg, resume_dir=resume, log=click.echo)
+    except KeyboardInterrupt:
+        where = resume or cfg.out or "the run directory"
+        click.echo(f"\ninterrupted; continue with: lesionkeras fit --resume {where}", err=True)
+        sys.exit(130)
+    click.echo(f"run directory: {result.run_dir}")
+    shown = ["dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity"]
+    parts = [f"{k} {result.metrics[k]:.4f}" for k in shown if k in result.metrics]
+    if parts:
+        click.echo("validation (best checkpoint): " + ", ".join(parts))
+    click.echo(f"tensorboard --logdir {result.run_dir / 'tensorboard'}")
+
+
+def _load_data(data, limit):
+    from lesionkeras.data import sources
+
+    return sources.load_manifest(data or "synthetic", limit=limit or 0)
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL")
+@DATA_OPTION
+@click.option("--out", default=None, help="Output folder (default: MODEL/eval-<data>).")
+@THRESHOLD_OPTION
+@BATCH_OPTION
+@LIMIT_OPTION
+@handle_errors
+def evaluate(model_path, data, out, threshold, batch_size, limit):
+    """Score MODEL on a labelled folder: per-image CSV, summary JSON, table."""
+    from lesionkeras import inference
+    from lesionkeras.data import check
+
+    predictor = inference.load_predictor(model_path, threshold=threshold)
+    for note in predictor.notes:
+        click.echo(note, err=True)
+    df = _load_data(data, limit)
+    check.validate(df, require_masks=True, source=data or "synthetic")
+    if out is None:
+        base = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+        out = base / f"eval-{Path(data).name if data else 'synthetic'}"
+    with click.progressbar(length=len(df), label="evaluating", file=sys.stderr) as bar:
+        _, summary = inference.evaluate(
+            predictor, df, out_dir=out, batch_size=batch_size or 8, progress=bar.update
+        )
+    click.echo(inference.format_summary(summary))
+    click.echo(f"per-image scores: {Path(out) / 'per_image.csv'}")
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL")
+@click.argument("input_path", metavar="INPUT")
+@click.option("--out", required=True, help="Folder for the masks.")
+@THRESHOLD_OPTION
+@click.option("--probabilities", is_flag=True, help="Also write probability maps.")
+@click.option("--overlay", is_flag=True, help="Also write overlays of the mask on the image.")
+@BATCH_OPTION
+@handle_errors
+def predict(model_path, input_path, out, threshold, probabilities, overlay, batch_size):
+    """Segment an image file or a folder; writes 0/255 PNG masks at original size."""
+    from lesionkeras import inference
+    from lesionkeras.data import check
+
+    predictor = inference.load_predictor(model_path, threshold=threshold)
+    for note in predictor.notes:
+        click.echo(note, err=True)
+    df = inference.list_images(input_path)
+    check.validate(df, require_masks=False, source=input_path)
+    with click.progressbar(length=len(df), label="predicting", file=sys.stderr) as bar:
+        written = inference.predict(
+            predictor, df, out, probabilities=probabilities, overlays=overlay,
+            batch_size=batch_size or 8, progress=bar.update,
+        )
+    click.echo(f"wrote {len(written)} masks to {out}")
+
+
+@main.group()
+def data():
+    """Create and inspect datasets."""
+
+
+@data.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--count", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--size", type=click.IntRange(min=16), default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def synth(out, count, size, seed):
+    """Write the built-in synthetic dataset in the ISIC 2018 layouts (Tasks 1, 2, 3)."""
+    from lesionkeras.data import synthetic
+
+    with click.progressbar(length=count, label="generating", file=sys.stderr) as bar:
+        path = synthetic.write_isic(out, count=count, size=size, seed=seed,
+                                    progress=lambda n: bar.update(1))
+    click.echo(f"wrote {count} synthetic images ({size} px, seed {seed}) to {path}")
+
+
+@data.command(name="check")
+@click.argument("source", metavar="DIR")
+@click.option("--no-masks", is_flag=True, help="Images only (data for predict).")
+@handle_errors
+def check_cmd(source, no_masks):
+    """Report counts, sizes, mask coverage and every problem of a dataset."""
+    from lesionkeras.data import check, layout
+
+    df = layout.build_manifest(source)
+    with click.progressbar(length=len(df), label="checking", file=sys.stderr) as bar:
+        report = check.check_manifest(df, require_masks=not no_masks, progress=bar.update)
+    click.echo(check.format_report(report, root=source))
+    if report.errors:
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

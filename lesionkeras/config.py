@@ -1,0 +1,287 @@
+"""Run configuration: TOML (stdlib `tomllib`) -> frozen dataclasses.
+
+A config has a few top-level keys and one table per concern (`data`,
+`augment`, `model`, `train`). Every key has a default, a type and, where the
+set of values is closed, a list of choices, so a typo or a bad value is caught
+before anything runs and reported as one line naming the key. CLI flags are
+applied on top of the file with `Config.override`.
+
+Example:
+
+```python
+cfg = load_config("configs/baseline.toml", overrides={"train.epochs": 3})
+cfg.train.epochs  # 3
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+import tomli_w
+
+from lesionkeras.errors import ConfigError
+
+
+def _field(default, help, choices=None, minimum=None):
+    return dataclasses.field(
+        default=default,
+        metadata={"help": help, "choices": choices, "minimum": minimum},
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = _field(
+        "synthetic", "Data folder, manifest CSV, or `synthetic` (built-in dataset)."
+    )
+    image_size: int = _field(64, "Side of the square model input, in pixels.", minimum=16)
+    crop_size: int = _field(
+        0,
+        "If > 0: resize to image_size, then train on random crops of this side "
+        "(validation uses a centre crop).",
+        minimum=0,
+    )
+    limit: int = _field(0, "Use only the first N images (0 = all).", minimum=0)
+    val_fraction: float = _field(0.2, "Fraction of images held out for validation.")
+    val_list: str = _field(
+        "", "Text file of image ids (one per line) that form the validation split."
+    )
+    folds: int = _field(0, "Number of k-fold groups written to the manifest (0 = none).", minimum=0)
+    fold: int = _field(-1, "Fold used as validation when folds > 0 (-1 = use val_fraction).")
+    normalize: str = _field(
+        "dataset",
+        "Per-channel normalisation: `dataset` (mean/std of the training split) or `imagenet`.",
+        choices=("dataset", "imagenet"),
+    )
+    mean: tuple = _field((), "Per-channel mean (0-255); filled in by `fit` and stored in the run config.")
+    std: tuple = _field((), "Per-channel std (0-255); filled in by `fit` and stored in the run config.")
+    cache: bool = _field(True, "Cache decoded, resized images in memory.")
+    synthetic_count: int = _field(240, "Number of images of the built-in synthetic dataset.", minimum=8)
+    synthetic_size: int = _field(
+        0, "Side of the synthetic images on disk (0 = same as image_size).", minimum=0
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    flip: bool = _field(True, "Random horizontal and vertical flips.")
+    rotate90: bool = _field(True, "Random rotations by multiples of 90 degrees.")
+    rotation: float = _field(0.0, "Random rotation up to this many degrees (0 = off).", minimum=0.0)
+    zoom: float = _field(0.0, "Random zoom in/out by up to this fraction (0 = off).", minimum=0.0)
+    brightness: float = _field(0.0, "Colour jitter: brightness factor (0 = off).", minimum=0.0)
+    contrast: float = _field(0.0, "Colour jitter: contrast factor (0 = off).", minimum=0.0)
+    saturation: float = _field(0.0, "Colour jitter: saturation factor (0 = off).", minimum=0.0)
+    hue: float = _field(0.0, "Colour jitter: hue factor (0 = off).", minimum=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str = _field("unet", "Registered model name.")
+    depth: int = _field(4, "Number of down-sampling levels of the U-Net.", minimum=1)
+    filters: int = _field(16, "Filters of the first level; doubled at each level.", minimum=1)
+    batch_norm: bool = _field(True, "Batch normalisation after every convolution.")
+    dropout: float = _field(0.0, "Dropout rate at the bottleneck (0 = off).", minimum=0.0)
+    upsampling: str = _field(
+        "bilinear",
+        "Decoder up-sampling: `bilinear` resize + conv, or `transpose` convolution.",
+        choices=("bilinear", "transpose"),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = _field("adam", "Optimiser.", choices=("adam", "adamw", "sgd"))
+    lr: float = _field(1e-3, "Learning rate.", minimum=0.0)
+    weight_decay: float = _field(0.0, "Decoupled weight decay (adamw, sgd).", minimum=0.0)
+    momentum: float = _field(0.9, "SGD momentum.", minimum=0.0)
+    epochs: int = _field(20, "Training epochs.", minimum=1)
+    batch_size: int = _field(8, "Global batch size (split across replicas).", minimum=1)
+    loss: str = _field(
+        "bce+dice", "Loss.", choices=("bce", "dice", "jaccard", "bce+dice", "bce+jaccard")
+    )
+    threshold: float = _field(0.5, "Probability threshold of the binary masks.")
+    strategy: str = _field(
+        "auto", "Distribution strategy.", choices=("auto", "default", "mirrored", "multiworker")
+    )
+    mixed_precision: bool = _field(False, "Mixed precision (float16 on GPU, bfloat16 on CPU).")
+    jit_compile: str = _field(
+        "auto", "XLA compilation of the train step.", choices=("auto", "true", "false")
+    )
+    image_every: int = _field(
+        5, "Write the TensorBoard image grid every N epochs (0 = never).", minimum=0
+    )
+    image_count: int = _field(4, "Validation images shown in the TensorBoard grid.", minimum=1)
+    progress: bool = _field(True, "Show the Keras progress bar.")
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "augment": AugmentConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+}
+METHODS = ("baseline",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    method: str = _field("baseline", "Training method.")
+    seed: int = _field(0, "Seed of every random choice (data split, weights, augmentation).")
+    out: str = _field("", "Run directory (empty: runs/<method>-<timestamp>).")
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def override(self, overrides: dict, origin: str = "command line") -> "Config":
+        """Returns a copy with `{"section.key": value}` (or `{"key": value}`) applied."""
+        tree = self.to_dict()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            *parents, key = dotted.split(".")
+            node = tree
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[key] = value
+        return from_dict(tree, origin=origin)
+
+    def save(self, path) -> None:
+        Path(path).write_text(tomli_w.dumps(self.to_dict()))
+
+
+def _to_plain(obj):
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _check_value(cls, f: dataclasses.Field, value, where: str):
+    expected = type(f.default) if f.default is not dataclasses.MISSING else None
+    name = f"`{where}`"
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false. Received: {value!r}")
+    elif expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer. Received: {value!r}")
+    elif expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number. Received: {value!r}")
+        value = float(value)
+    elif expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string. Received: {value!r}")
+    elif expected is tuple:
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{name} must be a list of numbers. Received: {value!r}")
+        value = tuple(float(v) for v in value)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(
+            f"{name} must be one of {', '.join(map(str, choices))}. Received: {value!r}"
+        )
+    minimum = f.metadata.get("minimum")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}. Received: {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str, origin: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{origin}: unknown config key `{where}`")
+        f = fields[key]
+        if key in SECTIONS and not prefix:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{origin}: `{where}` must be a table ([{key}])")
+            kwargs[key] = _build(SECTIONS[key], value, f"{key}.", origin)
+        else:
+            try:
+                kwargs[key] = _check_value(cls, f, value, where)
+            except ConfigError as e:
+                raise ConfigError(f"{origin}: {e}") from None
+    return cls(**kwargs)
+
+
+def from_dict(values: dict, origin: str = "config") -> Config:
+    """Builds a validated `Config`; raises `ConfigError` naming the bad key."""
+    cfg = _build(Config, values, "", origin)
+    if cfg.method not in METHODS:
+        raise ConfigError(
+            f"{origin}: `method` must be one of {', '.join(METHODS)}. Received: {cfg.method!r}"
+        )
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(
+            f"{origin}: `data.val_fraction` must be in [0, 1). Received: {cfg.data.val_fraction}"
+        )
+    if not 0.0 < cfg.train.threshold < 1.0:
+        raise ConfigError(
+            f"{origin}: `train.threshold` must be in (0, 1). Received: {cfg.train.threshold}"
+        )
+    if cfg.data.crop_size and cfg.data.crop_size > cfg.data.image_size:
+        raise ConfigError(
+            f"{origin}: `data.crop_size` ({cfg.data.crop_size}) must not exceed "
+            f"`data.image_size` ({cfg.data.image_size})"
+        )
+    if cfg.data.folds and cfg.data.fold >= cfg.data.folds:
+        raise ConfigError(
+            f"{origin}: `data.fold` must be < `data.folds` ({cfg.data.folds}). "
+            f"Received: {cfg.data.fold}"
+        )
+    if len(cfg.data.mean) not in (0, 3) or len(cfg.data.std) not in (0, 3):
+        raise ConfigError(f"{origin}: `data.mean` and `data.std` need 3 values each")
+    return cfg
+
+
+def read_toml(path) -> dict:
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def load_config(path=None, overrides: dict | None = None) -> Config:
+    """Reads a TOML file (or the defaults) and applies `overrides`.
+
+    Args:
+        path: str or Path. TOML file; None uses the defaults.
+        overrides: dict. `{"train.lr": 1e-4, "seed": 3}`; None values are skipped.
+    """
+    cfg = from_dict(read_toml(path), origin=str(path)) if path else Config()
+    return cfg.override(overrides or {}) if overrides else cfg
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every key: used to document configs."""
+    rows = []
+    for f in dataclasses.fields(Config):
+        if f.name in SECTIONS:
+            for g in dataclasses.fields(SECTIONS[f.name]):
+                rows.append((f"{f.name}.{g.name}", g.default, g.metadata["help"]))
+        else:
+            rows.append((f.name, f.default, f.metadata["help"]))
+    return rows

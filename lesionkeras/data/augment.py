@@ -1,0 +1,108 @@
+"""Joint image/mask augmentation built from Keras 3 preprocessing layers.
+
+Geometric layers see the image and its mask concatenated on the channel axis,
+so both get the same flip, rotation and zoom; the mask is re-binarised after
+interpolation. Colour jitter touches the image only.
+"""
+
+import keras
+import tensorflow as tf
+
+
+@keras.saving.register_keras_serializable(package="lesionkeras")
+class RandomRotate90(keras.layers.Layer):
+    """Rotates each square image of a batch by a random multiple of 90 degrees.
+
+    Keras has no layer for the dihedral rotations that dermoscopy allows (a
+    lesion has no "up"), and `RandomRotation` would interpolate and fill corners.
+
+    Args:
+        seed: int. Seed of the rotation choices. Defaults to None.
+    """
+
+    def __init__(self, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        batch = tf.shape(images)[0]
+        k = keras.random.randint((batch,), 0, 4, seed=self.seed_generator)
+        # Rotating by 90 degrees k times is a transpose and/or flips; computing
+        # all four views of the batch and picking one per sample stays vectorised.
+        views = tf.stack(
+            [
+                images,
+                tf.image.rot90(images, 1),
+                tf.image.rot90(images, 2),
+                tf.image.rot90(images, 3),
+            ],
+            axis=1,
+        )
+        return tf.gather(views, tf.cast(k, tf.int32), axis=1, batch_dims=1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
+class Augmenter:
+    """Callable `(images, masks) -> (images, masks)` for batched tensors.
+
+    Args:
+        cfg: `AugmentConfig`. Which transforms to apply.
+        seed: int. Seed of every transform.
+    """
+
+    def __init__(self, cfg, seed=0):
+        geometric = []
+        if cfg.flip:
+            geometric.append(keras.layers.RandomFlip("horizontal_and_vertical", seed=seed))
+        if cfg.rotate90:
+            geometric.append(RandomRotate90(seed=seed + 1))
+        if cfg.rotation:
+            geometric.append(
+                keras.layers.RandomRotation(
+                    cfg.rotation / 360.0, fill_mode="reflect", seed=seed + 2
+                )
+            )
+        if cfg.zoom:
+            geometric.append(
+                keras.layers.RandomZoom(
+                    (-cfg.zoom, cfg.zoom), fill_mode="reflect", seed=seed + 3
+                )
+            )
+        self.geometric = geometric
+        jitter = dict(
+            brightness_factor=cfg.brightness or None,
+            contrast_factor=cfg.contrast or None,
+            saturation_factor=(max(0.0, 1 - cfg.saturation), 1 + cfg.saturation)
+            if cfg.saturation
+            else None,
+            hue_factor=cfg.hue or None,
+        )
+        self.color = (
+            keras.layers.RandomColorJitter(value_range=(0, 255), seed=seed + 4, **jitter)
+            if any(v is not None for v in jitter.values())
+            else None
+        )
+
+    @property
+    def active(self):
+        return bool(self.geometric or self.color)
+
+    def __call__(self, images, masks):
+        if self.geometric:
+            channels = images.shape[-1]
+            both = tf.concat([images, masks], axis=-1)
+            for layer in self.geometric:
+                both = layer(both, training=True)
+            images, masks = both[..., :channels], both[..., channels:]
+            masks = tf.cast(masks > 0.5, masks.dtype)
+        if self.color is not None:
+            images = tf.clip_by_value(self.color(images, training=True), 0.0, 255.0)
+        return images, masks

@@ -1,0 +1,203 @@
+"""`tf.data` input pipeline: decode, resize, cache, augment, normalise, batch.
+
+Images are decoded and resized once, in parallel, and cached as uint8 at the
+model resolution; everything per epoch (shuffle, crop, augmentation,
+normalisation) runs on batched tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from lesionkeras.data.augment import Augmenter
+
+AUTOTUNE = tf.data.AUTOTUNE
+# ImageNet statistics on the 0-255 scale.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+def decode_image(path):
+    """Reads a JPEG/PNG/BMP/GIF file as (H, W, 3) uint8, whatever its channel count."""
+    img = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+    channels = tf.shape(img)[-1]
+    # Grayscale is repeated to RGB; an alpha channel is dropped (as `data check` reports).
+    img = tf.cond(
+        channels < 3,
+        lambda: tf.repeat(img[..., :1], 3, axis=-1),
+        lambda: img[..., :3],
+    )
+    img.set_shape([None, None, 3])
+    return img
+
+
+def decode_mask(path):
+    """Reads a mask file as (H, W, 1) float32 in {0, 1}.
+
+    Multi-channel masks are averaged; 0/1 masks are accepted as well as 0/255;
+    anything else is thresholded at 128.
+    """
+    m = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+    m = tf.reduce_mean(tf.cast(m, tf.float32), axis=-1, keepdims=True)
+    m = tf.cond(tf.reduce_max(m) <= 1.0, lambda: m * 255.0, lambda: m)
+    m = tf.cast(m >= 128.0, tf.float32)
+    m.set_shape([None, None, 1])
+    return m
+
+
+def _resize_pair(image, mask, size):
+    image = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
+    image = tf.cast(tf.round(tf.clip_by_value(image, 0, 255)), tf.uint8)
+    mask = tf.image.resize(mask, (size, size), method="bilinear", antialias=True)
+    mask = tf.cast(mask >= 0.5, tf.uint8)
+    return image, mask
+
+
+def decoded_dataset(df: pd.DataFrame, image_size: int, cache: bool = True):
+    """(image uint8 (S,S,3), mask uint8 (S,S,1)) per manifest row, in row order."""
+    ds = tf.data.Dataset.from_tensor_slices(
+        (df["image"].astype(str).tolist(), df["mask"].astype(str).tolist())
+    )
+    ds = ds.map(
+        lambda i, m: _resize_pair(decode_image(i), decode_mask(m), image_size),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=True,
+    )
+    return ds.cache() if cache else ds
+
+
+def compute_stats(ds) -> tuple[tuple, tuple]:
+    """Per-channel mean and std (0-255 scale) of the images of a decoded dataset.
+
+    Iterating it also fills the dataset's cache, so training decodes nothing again.
+    """
+
+    def add(acc, batch):
+        x = tf.cast(batch[0], tf.float64)
+        x = tf.reshape(x, (-1, 3))
+        return (
+            acc[0] + tf.reduce_sum(x, axis=0),
+            acc[1] + tf.reduce_sum(tf.square(x), axis=0),
+            acc[2] + tf.cast(tf.shape(x)[0], tf.float64),
+        )
+
+    zero = tf.zeros(3, tf.float64)
+    s, ss, n = ds.batch(64).reduce((zero, zero, tf.constant(0.0, tf.float64)), add)
+    mean = s / n
+    std = tf.sqrt(tf.maximum(ss / n - tf.square(mean), 1e-6))
+    return tuple(float(v) for v in mean.numpy()), tuple(float(v) for v in std.numpy())
+
+
+def normalizer(mean, std):
+    mean = tf.constant(mean, tf.float32)
+    std = tf.constant(std, tf.float32)
+    return lambda x: (tf.cast(x, tf.float32) - mean) / std
+
+
+def make_dataset(
+    decoded,
+    *,
+    batch_size: int,
+    mean,
+    std,
+    training: bool,
+    augment=None,
+    crop_size: int = 0,
+    seed: int = 0,
+    shuffle_buffer: int | None = None,
+):
+    """Batched `(normalised image float32, mask float32)` pairs for fit/evaluate.
+
+    Args:
+        decoded: dataset from `decoded_dataset`.
+        batch_size: int. Global batch size.
+        mean, std: per-channel statistics on the 0-255 scale.
+        training: bool. Shuffle, random crop and augmentation when True.
+        augment: `AugmentConfig` or None.
+        crop_size: int. Random crop (training) or centre crop (otherwise) side; 0 = off.
+        seed: int. Seed of shuffling, cropping and augmentation.
+    """
+    norm = normalizer(mean, std)
+    ds = decoded
+    if training:
+        n = int(decoded.cardinality())
+        ds = ds.shuffle(shuffle_buffer or max(n, 1), seed=seed, reshuffle_each_iteration=True)
+    if crop_size:
+        if training:
+            # Sequential on purpose: random ops in a parallel map draw in a
+            # racy order, which would make runs irreproducible.
+            ds = ds.map(lambda i, m: _random_crop(i, m, crop_size, seed))
+        else:
+            ds = ds.map(lambda i, m: _centre_crop(i, m, crop_size))
+    if training:
+        n = int(decoded.cardinality())
+        # A last batch of one image breaks batch-norm statistics; drop it.
+        ds = ds.batch(batch_size, drop_remainder=n >= batch_size)
+    else:
+        ds = ds.batch(batch_size)
+    ds = ds.map(lambda i, m: (tf.cast(i, tf.float32), tf.cast(m, tf.float32)))
+    if training and augment is not None:
+        aug = Augmenter(augment, seed=seed)
+        if aug.active:
+            # Sequential for reproducibility (see above); it works on whole
+            # batches, so one call per batch is cheap.
+            ds = ds.map(aug)
+    ds = ds.map(lambda i, m: (norm(i), m), num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)
+
+
+def _random_crop(image, mask, size, seed):
+    both = tf.concat([image, mask], axis=-1)
+    both = tf.image.random_crop(both, (size, size, 4), seed=seed)
+    return both[..., :3], both[..., 3:]
+
+
+def _centre_crop(image, mask, size):
+    off = (tf.shape(image)[0] - size) // 2
+    return (
+        image[off : off + size, off : off + size],
+        mask[off : off + size, off : off + size],
+    )
+
+
+def assign_splits(
+    df: pd.DataFrame,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    val_ids=None,
+    folds: int = 0,
+    fold: int = -1,
+) -> pd.DataFrame:
+    """Returns a copy with `split` ("train"/"val") and `fold` columns filled.
+
+    A split already present in the manifest (a user CSV) is kept. Otherwise:
+    an explicit id list, else fold `fold` of a `folds`-way split, else a
+    seeded random `val_fraction`.
+    """
+    df = df.copy()
+    n = len(df)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    if folds:
+        fold_of = np.empty(n, dtype=int)
+        fold_of[order] = np.arange(n) % folds
+        df["fold"] = fold_of
+    existing = df["split"].astype(str).str.strip() if "split" in df else pd.Series([""] * n)
+    if existing.isin(["train", "val"]).all():
+        df["split"] = existing.values
+        return df
+    if val_ids is not None:
+        val = df["id"].isin(set(val_ids)).values
+    elif folds and fold >= 0:
+        val = df["fold"].values == fold
+    else:
+        n_val = int(round(val_fraction * n))
+        if val_fraction > 0 and n > 1:
+            n_val = min(max(n_val, 1), n - 1)
+        val = np.zeros(n, dtype=bool)
+        val[order[:n_val]] = True
+    df["split"] = np.where(val, "val", "train")
+    return df

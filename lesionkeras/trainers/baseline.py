@@ -1,0 +1,53 @@
+"""`--method baseline`: plain supervised training of a registered model.
+
+Standard Keras: the model is compiled with a loss and the per-image metrics;
+nothing overrides `train_step`.
+"""
+
+import keras
+
+from lesionkeras import losses, metrics
+from lesionkeras.models import registry
+
+
+def make_optimizer(train_cfg):
+    """Adam, AdamW or SGD with momentum, as the `[train]` table says."""
+    if train_cfg.optimizer == "adam":
+        return keras.optimizers.Adam(train_cfg.lr)
+    if train_cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    return keras.optimizers.SGD(
+        train_cfg.lr,
+        momentum=train_cfg.momentum,
+        weight_decay=train_cfg.weight_decay or None,
+    )
+
+
+def model_options(model_cfg):
+    opts = {k: getattr(model_cfg, k) for k in ("depth", "filters", "batch_norm", "dropout", "upsampling")}
+    return opts
+
+
+def build_model(cfg):
+    return registry.build(
+        cfg.model.name,
+        input_shape=(None, None, 3),
+        out_channels=1,
+        **model_options(cfg.model),
+    )
+
+
+def jit_option(train_cfg):
+    return {"auto": "auto", "true": True, "false": False}[train_cfg.jit_compile]
+
+
+def build(cfg):
+    """Returns the compiled model for `cfg` (call inside the strategy scope)."""
+    model = build_model(cfg)
+    model.compile(
+        optimizer=make_optimizer(cfg.train),
+        loss=losses.get_loss(cfg.train.loss),
+        metrics=metrics.default_metrics(threshold=cfg.train.threshold, from_logits=True),
+        jit_compile=jit_option(cfg.train),
+    )
+    return model

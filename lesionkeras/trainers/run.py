@@ -1,0 +1,259 @@
+"""`fit`: config -> validated data -> model -> `model.fit` -> run directory.
+
+Run directory (the contract the other commands read):
+
+    config.toml     the fully resolved config (incl. normalisation statistics)
+    model.keras     best checkpoint by validation Dice
+    last.keras      last epoch
+    history.csv     one row per epoch
+    metrics.json    final validation metrics of model.keras
+    tensorboard/    scalars and the input | truth | prediction grid
+    backup/         BackupAndRestore state for `--resume`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from lesionkeras import config as config_lib
+from lesionkeras.callbacks import ImageGrid, LearningRateLogger, StopOnNaN
+from lesionkeras.data import check, pipeline, sources
+from lesionkeras.distribute import resolve_strategy, set_precision
+from lesionkeras.errors import ConfigError, DataError, LesionKerasError
+from lesionkeras.trainers import baseline
+
+TRAINERS = {"baseline": baseline}
+
+
+class TrainingError(LesionKerasError):
+    """The job itself failed (e.g. the loss became NaN): exit code 1."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    run_dir: Path
+    metrics: dict
+    epochs_run: int
+    warnings: list
+
+
+def default_run_dir(method: str) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{method}-{stamp}"
+
+
+def prepare_data(cfg, *, require_masks=True):
+    """Manifest with splits, validated; raises DataError before anything is written."""
+    d = cfg.data
+    df = sources.load_manifest(
+        d.source,
+        limit=d.limit,
+        synthetic_count=d.synthetic_count,
+        synthetic_size=d.synthetic_size or d.image_size,
+        synthetic_seed=0,
+    )
+    report = check.validate(df, require_masks=require_masks, source=d.source)
+    val_ids = None
+    if d.val_list:
+        try:
+            val_ids = [l.strip() for l in Path(d.val_list).read_text().splitlines() if l.strip()]
+        except OSError as e:
+            raise DataError(f"{d.val_list}: cannot read validation list ({e.strerror})") from None
+        unknown = sorted(set(val_ids) - set(df["id"]))
+        if unknown:
+            raise DataError(
+                f"{d.val_list}: {len(unknown)} ids are not in the data (first: {unknown[0]})"
+            )
+    df = pipeline.assign_splits(
+        df, val_fraction=d.val_fraction, seed=cfg.seed, val_ids=val_ids, folds=d.folds, fold=d.fold
+    )
+    if not (df["split"] == "train").any():
+        raise DataError(f"{d.source}: no training images left after the validation split")
+    return df, report
+
+
+def summarize_warnings(report) -> list[str]:
+    """One line per kind of warning, so a folder of 2000 grey masks is one line, not 2000."""
+    lines = []
+    by_kind = {}
+    for p in report.warnings:
+        kind = p.message.split(";")[0].split(",")[0]
+        by_kind.setdefault(kind, []).append(p)
+    for kind, items in by_kind.items():
+        first = items[0]
+        more = f" (and {len(items) - 1} more files)" if len(items) > 1 else ""
+        lines.append(f"warning: {first.path}: {first.message}{more}")
+    return lines
+
+
+def _check_sizes(cfg):
+    depth = cfg.model.depth if cfg.model.name == "unet" else 0
+    size = cfg.data.crop_size or cfg.data.image_size
+    if depth and size % (2**depth):
+        raise ConfigError(
+            f"`data.image_size`/`data.crop_size` ({size}) must be divisible by "
+            f"2**model.depth = {2**depth}"
+        )
+
+
+def _best_so_far(history_csv: Path, monitor: str):
+    if not history_csv.exists():
+        return None
+    hist = pd.read_csv(history_csv)
+    if monitor not in hist or hist[monitor].dropna().empty:
+        return None
+    return float(hist[monitor].max())
+
+
+def fit(cfg, *, resume_dir=None, verbose=1, log=print) -> FitResult:
+    """Trains `cfg.method` and fills the run directory.
+
+    Args:
+        cfg: `Config`. The resolved configuration.
+        resume_dir: str or None. Continue the interrupted run in this folder.
+        verbose: int. Keras verbosity (1 = progress bar, 2 = one line per epoch).
+        log: callable. Where status lines go.
+    """
+    _check_sizes(cfg)
+    keras.utils.set_random_seed(cfg.seed)
+    df, report = prepare_data(cfg)
+    warnings = summarize_warnings(report)
+    for line in warnings:
+        log(line)
+
+    train_df = df[df["split"] == "train"].reset_index(drop=True)
+    val_df = df[df["split"] == "val"].reset_index(drop=True)
+    d = cfg.data
+    train_dec = pipeline.decoded_dataset(train_df, d.image_size, cache=d.cache)
+    val_dec = pipeline.decoded_dataset(val_df, d.image_size, cache=d.cache) if len(val_df) else None
+    if d.mean and d.std:
+        mean, std = d.mean, d.std
+    elif d.normalize == "imagenet":
+        mean, std = pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD
+    else:
+        mean, std = pipeline.compute_stats(train_dec)
+    cfg = cfg.override({"data.mean": list(mean), "data.std": list(std)})
+
+    if resume_dir:
+        run_dir = Path(resume_dir)
+    else:
+        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(
+                f"{run_dir}: run directory exists and is not empty "
+                "(choose another --out, or continue it with --resume)"
+            )
+        cfg = cfg.override({"out": str(run_dir)})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.toml")
+
+    policy = set_precision(cfg.train.mixed_precision)
+    strategy = resolve_strategy(cfg.train.strategy)
+    crop = d.crop_size
+    train_ds = pipeline.make_dataset(
+        train_dec, batch_size=cfg.train.batch_size, mean=mean, std=std, training=True,
+        augment=cfg.augment, crop_size=crop, seed=cfg.seed,
+    )
+    val_ds = (
+        pipeline.make_dataset(
+            val_dec, batch_size=cfg.train.batch_size, mean=mean, std=std, training=False,
+            crop_size=crop,
+        )
+        if val_dec is not None
+        else None
+    )
+    trainer = TRAINERS[cfg.method]
+    with strategy.scope():
+        model = trainer.build(cfg)
+
+    monitor = "val_dice" if val_ds is not None else "dice"
+    nan_stop = StopOnNaN()
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
+        nan_stop,
+        LearningRateLogger(),
+        keras.callbacks.ModelCheckpoint(
+            str(run_dir / "model.keras"), monitor=monitor, mode="max", save_best_only=True,
+            initial_value_threshold=_best_so_far(run_dir / "history.csv", monitor),
+        ),
+        keras.callbacks.ModelCheckpoint(str(run_dir / "last.keras")),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
+    ]
+    if val_dec is not None and cfg.train.image_every:
+        raw, truth = _first_images(val_dec, cfg.train.image_count, crop)
+        norm = pipeline.normalizer(mean, std)
+        callbacks.append(
+            ImageGrid(
+                run_dir / "tensorboard", raw, norm(raw).numpy(), truth,
+                every=cfg.train.image_every,
+            )
+        )
+    log(
+        f"training {cfg.model.name} ({model.count_params():,} parameters) on "
+        f"{len(train_df)} images, validating on {len(val_df)}; strategy "
+        f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
+        f"precision {policy}"
+    )
+    history = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=cfg.train.epochs,
+        callbacks=callbacks,
+        verbose=verbose if cfg.train.progress else 2,
+    )
+    if nan_stop.where:
+        epoch, batch = nan_stop.where
+        raise TrainingError(
+            f"{run_dir}: the loss became NaN at epoch {epoch}, batch {batch}; "
+            "lower the learning rate (--lr) or check the data"
+        )
+    epochs_run = len(history.epoch)
+    if not (run_dir / "model.keras").exists():
+        model.save(run_dir / "model.keras")
+    best = keras.saving.load_model(run_dir / "model.keras")
+    metrics = {}
+    if val_ds is not None:
+        metrics = {
+            k: float(v) for k, v in best.evaluate(val_ds, verbose=0, return_dict=True).items()
+        }
+    metrics.update(
+        epochs=int(_history_len(run_dir / "history.csv")),
+        train_images=len(train_df),
+        val_images=len(val_df),
+    )
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return FitResult(run_dir, metrics, epochs_run, warnings)
+
+
+def _history_len(path):
+    return len(pd.read_csv(path)) if path.exists() else 0
+
+
+def _first_images(decoded, count, crop):
+    imgs, masks = [], []
+    for img, m in decoded.take(count):
+        imgs.append(img.numpy())
+        masks.append(m.numpy().astype(np.float32))
+    imgs, masks = np.stack(imgs), np.stack(masks)
+    if crop:
+        off = (imgs.shape[1] - crop) // 2
+        imgs = imgs[:, off : off + crop, off : off + crop]
+        masks = masks[:, off : off + crop, off : off + crop]
+    return imgs, masks
+
+
+def load_run_config(run_dir) -> config_lib.Config:
+    path = Path(run_dir) / "config.toml"
+    if not path.exists():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.toml)")
+    return config_lib.load_config(path)

@@ -1,0 +1,39 @@
+"""Install lesionkeras: `pip install -e .` (add `[test]` for the test suite)."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(
+    r'__version__ = "([^"]+)"', (HERE / "lesionkeras" / "__init__.py").read_text()
+).group(1)
+
+setup(
+    name="lesionkeras",
+    version=VERSION,
+    description="Skin-lesion segmentation from imperfect annotations, in Keras 3",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lesionkeras", "lesionkeras.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.16",
+        "keras>=3.5",
+        "keras-hub",
+        "numpy",
+        "pillow",
+        "pandas",
+        "click",
+        # scipy.ndimage: Gaussian filtering for the synthetic lesions and the
+        # morphology of post-processing; a well-kept library beats hand-rolled code.
+        "scipy",
+        # tomllib only reads TOML; the resolved run config must also be written.
+        "tomli-w",
+        # tomllib is stdlib from 3.11 on; tomli is the same parser for 3.10.
+        "tomli; python_version < '3.11'",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["lesionkeras=lesionkeras.cli:main"]},
+)

@@ -1,0 +1,34 @@
+"""Test set-up: two logical CPUs (for MirroredStrategy), a private cache, clean Keras state."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Must run before TensorFlow creates its devices: the distributed tests need
+# two replicas on this CPU-only machine.
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: heavier test (still runs in CI)")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    # The synthetic dataset is cached once per test session, never in $HOME.
+    os.environ["LESIONKERAS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _clear_keras():
+    yield
+    keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy("float32")
