@@ -22,6 +22,8 @@ setup(
         "tensorflow>=2.16",
         "keras>=3.5",
         "keras-hub",
+        # TensorFlow 2.21 no longer pulls TensorBoard in; `fit` writes its logs.
+        "tensorboard",
         "numpy",
         "pillow",
         "pandas",

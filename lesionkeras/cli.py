@@ -21,6 +21,27 @@ from lesionkeras import config as config_lib  # noqa: E402
 from lesionkeras.errors import LesionKerasError  # noqa: E402
 
 
+def _quiet_tensorflow_import():
+    """Imports TensorFlow with its C++ start-up lines (oneDNN, CUDA probing) hidden.
+
+    TensorFlow 2.20+ prints them before its logging honours
+    TF_CPP_MIN_LOG_LEVEL, so the file descriptor itself is muted for the import.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        sys.stderr.flush()
+        os.dup2(null, 2)
+        import tensorflow as tf
+
+        tf.config.list_logical_devices("CPU")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def _fail(lines, code):
     for line in lines:
         click.echo(f"error: {line}" if not line.startswith(("error:", "warning:")) else line, err=True)
@@ -121,6 +142,7 @@ def fit(config_file, resume, **flags):
     else:
         cfg = config_lib.load_config(config_file, overrides)
 
+    _quiet_tensorflow_import()
     from lesionkeras.trainers import run
 
     try:
@@ -153,6 +175,7 @@ def _load_data(data, limit):
 @handle_errors
 def evaluate(model_path, data, out, threshold, batch_size, limit):
     """Score MODEL on a labelled folder: per-image CSV, summary JSON, table."""
+    _quiet_tensorflow_import()
     from lesionkeras import inference
     from lesionkeras.data import check
 
@@ -183,6 +206,7 @@ def evaluate(model_path, data, out, threshold, batch_size, limit):
 @handle_errors
 def predict(model_path, input_path, out, threshold, probabilities, overlay, batch_size):
     """Segment an image file or a folder; writes 0/255 PNG masks at original size."""
+    _quiet_tensorflow_import()
     from lesionkeras import inference
     from lesionkeras.data import check
 
@@ -230,7 +254,9 @@ def check_cmd(source, no_masks):
 
     df = layout.build_manifest(source)
     with click.progressbar(length=len(df), label="checking", file=sys.stderr) as bar:
-        report = check.check_manifest(df, require_masks=not no_masks, progress=bar.update)
+        report = check.check_manifest(
+            df, require_masks=not no_masks, progress=lambda done, total: bar.update(done - bar.pos)
+        )
     click.echo(check.format_report(report, root=source))
     if report.errors:
         sys.exit(2)

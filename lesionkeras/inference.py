@@ -17,6 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from lesionkeras import config as config_lib
+from lesionkeras import losses as _losses  # noqa: F401 - registers the loss classes for loading
 from lesionkeras import metrics as metrics_lib
 from lesionkeras.data import check, layout, pipeline, sources
 from lesionkeras.errors import ConfigError, DataError

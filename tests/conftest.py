@@ -1,5 +1,6 @@
 """Test set-up: two logical CPUs (for MirroredStrategy), a private cache, clean Keras state."""
 
+import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -17,6 +18,10 @@ tf.config.set_logical_device_configuration(
 
 
 def pytest_configure(config):
+    # pytest collects garbage after every test; with TensorFlow loaded each pass
+    # walks about a million long-lived objects (~0.15 s a test). Freezing the
+    # objects that exist after imports moves them out of those passes.
+    gc.freeze()
     config.addinivalue_line("markers", "slow: heavier test (still runs in CI)")
 
 

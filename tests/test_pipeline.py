@@ -144,3 +144,18 @@ def test_assign_splits():
     assert (c["split"] == "val").sum() == (c["fold"] == 1).sum()
     d = df.assign(split=["train"] * 7 + ["val"] * 3)
     assert list(pipeline.assign_splits(d, seed=5)["split"]) == list(d["split"])
+
+
+def test_decode_formats_tf_cannot_read(tmp_path):
+    # 1-bit BMP masks (PH2) and TIFF images go through Pillow.
+    bits = np.zeros((6, 9), bool)
+    bits[1:4, 2:7] = True
+    Image.fromarray(bits).save(tmp_path / "m.bmp")
+    np.testing.assert_array_equal(
+        pipeline.decode_mask(str(tmp_path / "m.bmp")).numpy()[..., 0], bits.astype(np.float32)
+    )
+    rgb = np.random.default_rng(1).integers(0, 255, (6, 9, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "i.tif")
+    np.testing.assert_array_equal(pipeline.decode_image(str(tmp_path / "i.TIF".lower())).numpy(), rgb)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "g.bmp")
+    assert pipeline.decode_image(str(tmp_path / "g.bmp")).numpy().shape == (6, 9, 3)

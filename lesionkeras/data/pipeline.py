@@ -19,9 +19,39 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
+# TensorFlow decodes JPEG, PNG and GIF natively (in parallel, without the GIL).
+# BMP (TF's decoder rejects the 1- and 8-bit files PH2 ships) and TIFF go through
+# Pillow. Decoding happens once per run: the decoded images are cached.
+_PIL_SUFFIXES = r".*\.(bmp|tif|tiff)$"
+
+
+def _pil_read(path, mode):
+    from PIL import Image
+
+    # Eager calls pass str, graph calls bytes (or 0-d arrays of them).
+    path, mode = (v.item() if isinstance(v, np.ndarray) else v for v in (path, mode))
+    path, mode = (v.decode() if isinstance(v, bytes) else v for v in (path, mode))
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert(mode))
+    return arr.reshape(arr.shape[0], arr.shape[1], -1)
+
+
+def _read_any(path, pil_mode):
+    def with_pil():
+        arr = tf.numpy_function(_pil_read, [path, pil_mode], tf.uint8, stateful=False)
+        arr.set_shape([None, None, None])
+        return arr
+
+    def with_tf():
+        return tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+
+    use_pil = tf.strings.regex_full_match(tf.strings.lower(path), _PIL_SUFFIXES)
+    return tf.cond(use_pil, with_pil, with_tf)
+
+
 def decode_image(path):
-    """Reads a JPEG/PNG/BMP/GIF file as (H, W, 3) uint8, whatever its channel count."""
-    img = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+    """Reads an image file as (H, W, 3) uint8, whatever its format and channel count."""
+    img = _read_any(path, "RGB")
     channels = tf.shape(img)[-1]
     # Grayscale is repeated to RGB; an alpha channel is dropped (as `data check` reports).
     img = tf.cond(
@@ -36,10 +66,12 @@ def decode_image(path):
 def decode_mask(path):
     """Reads a mask file as (H, W, 1) float32 in {0, 1}.
 
-    Multi-channel masks are averaged; 0/1 masks are accepted as well as 0/255;
-    anything else is thresholded at 128.
+    The colour channels of a multi-channel mask are averaged (alpha ignored);
+    0/1 masks are accepted as well as 0/255; anything else is thresholded at 128.
     """
-    m = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+    m = _read_any(path, "L")
+    channels = tf.shape(m)[-1]
+    m = tf.cond(channels >= 3, lambda: m[..., :3], lambda: m[..., :1])
     m = tf.reduce_mean(tf.cast(m, tf.float32), axis=-1, keepdims=True)
     m = tf.cond(tf.reduce_max(m) <= 1.0, lambda: m * 255.0, lambda: m)
     m = tf.cast(m >= 128.0, tf.float32)

@@ -16,7 +16,8 @@ def apply_conv_block(x, filters, *, batch_norm=True, name="block"):
             name=f"{name}_conv{i}",
         )(x)
         if batch_norm:
-            x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+            # momentum 0.9: short CPU runs must get usable inference statistics.
+            x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return x
 

@@ -209,6 +209,7 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print) -> FitResult:
         validation_data=val_ds,
         epochs=cfg.train.epochs,
         callbacks=callbacks,
+        shuffle=False,  # the dataset shuffles itself, seeded
         verbose=verbose if cfg.train.progress else 2,
     )
     if nan_stop.where:

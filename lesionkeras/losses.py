@@ -1,0 +1,418 @@
+"""Segmentation losses for binary, multi-channel lesion masks.
+
+All tensors are channels-last `(B, H, W, K)`: `B` images, `K` independent
+binary structures (K=1 for lesion segmentation, K=5 for the ISIC 2018
+attribute masks). Each channel is a separate sigmoid output, so every loss
+here treats channels independently and averages them.
+
+The pure functions return one value per image, shape `(B,)`. The `Loss`
+classes return the same per-image values from `call`, so Keras applies
+`sample_weight` (one weight per image) and the reduction as for any built-in
+loss.
+
+Everything is computed in float32: under mixed precision the model emits
+float16/bfloat16 logits, and the sums over a whole image and the
+`log1p(exp(.))` term are not accurate enough in half precision.
+
+Example:
+    import numpy as np
+    y_true = np.zeros((2, 4, 4, 1), "float32")
+    logits = np.zeros((2, 4, 4, 1), "float32")
+    binary_crossentropy_with_logits(y_true, logits)  # log(2) per image
+    model.compile(optimizer="adam", loss=get_loss("bce+dice"))
+"""
+
+import keras
+from keras import ops
+
+LOSS_NAMES = ("bce", "dice", "jaccard", "bce+dice", "bce+jaccard")
+
+_PACKAGE = "lesionkeras"
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def _as_float32(x):
+    return ops.cast(ops.convert_to_tensor(x), "float32")
+
+
+def _check_shapes(y_true, y_pred, what):
+    """Raises ValueError unless both tensors are `(B, H, W, K)` and agree.
+
+    Only static dimensions are compared: inside `tf.function` the batch size
+    (and sometimes H, W) is unknown, and an unknown dimension can't disagree.
+    """
+    true_shape = tuple(y_true.shape)
+    pred_shape = tuple(y_pred.shape)
+    if len(true_shape) != 4 or len(pred_shape) != 4:
+        raise ValueError(
+            f"{what}: expected y_true and y_pred of shape (B, H, W, K); got "
+            f"y_true.shape={true_shape} and y_pred.shape={pred_shape}."
+        )
+    for a, b in zip(true_shape, pred_shape):
+        if a is not None and b is not None and a != b:
+            raise ValueError(
+                f"{what}: y_true and y_pred shapes differ: "
+                f"y_true.shape={true_shape}, y_pred.shape={pred_shape}."
+            )
+
+
+def _prepare(y_true, y_pred, what):
+    y_true = _as_float32(y_true)
+    y_pred = _as_float32(y_pred)
+    _check_shapes(y_true, y_pred, what)
+    return y_true, y_pred
+
+
+def _check_smooth(smooth):
+    # smooth > 0 also keeps the ratio defined when truth and prediction are
+    # both empty (0/0 otherwise), which happens on lesion-free crops.
+    if not float(smooth) > 0.0:
+        raise ValueError(f"`smooth` must be > 0; got smooth={smooth}.")
+
+
+def _overlap_sums(y_true, probs):
+    """Per image, per channel: intersection and the two masses, each (B, K)."""
+    spatial = (1, 2)
+    intersection = ops.sum(y_true * probs, axis=spatial)
+    true_sum = ops.sum(y_true, axis=spatial)
+    pred_sum = ops.sum(probs, axis=spatial)
+    return intersection, true_sum, pred_sum
+
+
+# --------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------
+
+
+def binary_crossentropy_with_logits(y_true, logits):
+    """Per-image mean sigmoid cross-entropy, computed from logits.
+
+    Uses `max(x, 0) - x * z + log1p(exp(-|x|))`, which never exponentiates a
+    positive number, so logits of any magnitude give finite values.
+
+    Args:
+        y_true: Target masks, shape `(B, H, W, K)`, values in [0, 1] (soft
+            targets are allowed).
+        logits: Raw model outputs (pre-sigmoid), same shape as `y_true`.
+
+    Returns:
+        float32 tensor of shape `(B,)`: mean over H, W and K.
+
+    Raises:
+        ValueError: If the shapes are not `(B, H, W, K)` or differ.
+
+    Example:
+        z = np.ones((1, 2, 2, 1), "float32")
+        x = np.zeros((1, 2, 2, 1), "float32")
+        binary_crossentropy_with_logits(z, x)  # [log 2] = [0.6931]
+    """
+    z, x = _prepare(y_true, logits, "binary_crossentropy_with_logits")
+    per_pixel = ops.relu(x) - x * z + ops.log1p(ops.exp(-ops.abs(x)))
+    return ops.mean(per_pixel, axis=(1, 2, 3))
+
+
+def soft_dice_loss(y_true, probs, smooth=1.0):
+    """Per-image soft Dice loss, averaged over channels.
+
+    For each image and channel:
+    `1 - (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth)`.
+
+    Args:
+        y_true: Target masks, shape `(B, H, W, K)`, values in [0, 1].
+        probs: Predicted probabilities (post-sigmoid), same shape.
+        smooth: float > 0. Added to numerator and denominator; makes an
+            empty prediction of an empty mask score a loss of 0.
+
+    Returns:
+        float32 tensor of shape `(B,)`.
+
+    Raises:
+        ValueError: If the shapes differ or `smooth <= 0`.
+
+    Example:
+        t = np.ones((1, 2, 2, 1), "float32")
+        soft_dice_loss(t, t)  # ~[0.]
+    """
+    _check_smooth(smooth)
+    t, p = _prepare(y_true, probs, "soft_dice_loss")
+    intersection, true_sum, pred_sum = _overlap_sums(t, p)
+    dice = (2.0 * intersection + smooth) / (pred_sum + true_sum + smooth)
+    return ops.mean(1.0 - dice, axis=-1)
+
+
+def soft_jaccard_loss(y_true, probs, smooth=1.0):
+    """Per-image soft Jaccard (IoU) loss, averaged over channels.
+
+    For each image and channel, with `I = sum(p * t)`:
+    `1 - (I + smooth) / (sum(p) + sum(t) - I + smooth)`.
+
+    Args:
+        y_true: Target masks, shape `(B, H, W, K)`, values in [0, 1].
+        probs: Predicted probabilities (post-sigmoid), same shape.
+        smooth: float > 0. See `soft_dice_loss`.
+
+    Returns:
+        float32 tensor of shape `(B,)`.
+
+    Raises:
+        ValueError: If the shapes differ or `smooth <= 0`.
+
+    Example:
+        t = np.ones((1, 2, 2, 1), "float32")
+        soft_jaccard_loss(t, np.zeros_like(t))  # [1 - 1/5] = [0.8]
+    """
+    _check_smooth(smooth)
+    t, p = _prepare(y_true, probs, "soft_jaccard_loss")
+    intersection, true_sum, pred_sum = _overlap_sums(t, p)
+    union = pred_sum + true_sum - intersection
+    jaccard = (intersection + smooth) / (union + smooth)
+    return ops.mean(1.0 - jaccard, axis=-1)
+
+
+# --------------------------------------------------------------------------
+# Loss classes
+# --------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class BinaryCrossentropyWithLogits(keras.losses.Loss):
+    """Sigmoid cross-entropy on logits, one value per image.
+
+    Args:
+        reduction: Keras reduction over the per-image values.
+        name: Loss name.
+        dtype: Keras dtype of the reduced loss. The computation itself is
+            always float32.
+
+    Example:
+        model.compile(optimizer="adam", loss=BinaryCrossentropyWithLogits())
+    """
+
+    def __init__(
+        self,
+        reduction="sum_over_batch_size",
+        name="binary_crossentropy_with_logits",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+
+    def call(self, y_true, y_pred):
+        return binary_crossentropy_with_logits(y_true, y_pred)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class _OverlapLoss(keras.losses.Loss):
+    """Shared plumbing of the Dice and Jaccard losses."""
+
+    _fn = None
+
+    def __init__(self, from_logits, smooth, reduction, name, dtype):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        _check_smooth(smooth)
+        self.from_logits = bool(from_logits)
+        self.smooth = float(smooth)
+
+    def call(self, y_true, y_pred):
+        probs = _as_float32(y_pred)
+        if self.from_logits:
+            probs = ops.sigmoid(probs)
+        return type(self)._fn(y_true, probs, smooth=self.smooth)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(from_logits=self.from_logits, smooth=self.smooth)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SoftDiceLoss(_OverlapLoss):
+    """Soft Dice loss, per image, averaged over channels.
+
+    Args:
+        from_logits: bool. If True, `y_pred` are logits and go through a
+            sigmoid first; if False, `y_pred` are probabilities.
+        smooth: float > 0. See `soft_dice_loss`.
+        reduction: Keras reduction over the per-image values.
+        name: Loss name.
+        dtype: Keras dtype of the reduced loss.
+
+    Example:
+        model.compile(optimizer="adam", loss=SoftDiceLoss(from_logits=True))
+    """
+
+    _fn = staticmethod(soft_dice_loss)
+
+    def __init__(
+        self,
+        from_logits=True,
+        smooth=1.0,
+        reduction="sum_over_batch_size",
+        name="soft_dice_loss",
+        dtype=None,
+    ):
+        super().__init__(from_logits, smooth, reduction, name, dtype)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SoftJaccardLoss(_OverlapLoss):
+    """Soft Jaccard (IoU) loss, per image, averaged over channels.
+
+    Args:
+        from_logits: bool. If True, `y_pred` are logits.
+        smooth: float > 0. See `soft_jaccard_loss`.
+        reduction: Keras reduction over the per-image values.
+        name: Loss name.
+        dtype: Keras dtype of the reduced loss.
+
+    Example:
+        model.compile(optimizer="adam", loss=SoftJaccardLoss())
+    """
+
+    _fn = staticmethod(soft_jaccard_loss)
+
+    def __init__(
+        self,
+        from_logits=True,
+        smooth=1.0,
+        reduction="sum_over_batch_size",
+        name="soft_jaccard_loss",
+        dtype=None,
+    ):
+        super().__init__(from_logits, smooth, reduction, name, dtype)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class CombinedLoss(keras.losses.Loss):
+    """Weighted sum of BCE, soft Dice and soft Jaccard, per image.
+
+    `loss = bce_weight * BCE + dice_weight * Dice + jaccard_weight * Jaccard`.
+    Terms with weight 0 are not computed.
+
+    Args:
+        bce_weight: float >= 0. Weight of the cross-entropy term.
+        dice_weight: float >= 0. Weight of the soft Dice term.
+        jaccard_weight: float >= 0. Weight of the soft Jaccard term.
+        from_logits: bool. Whether `y_pred` are logits. Must be True when
+            `bce_weight > 0`: the cross-entropy is only computed from logits
+            (recovering logits from probabilities is what makes BCE
+            unstable in the first place).
+        smooth: float > 0. Smoothing of the Dice and Jaccard terms.
+        reduction: Keras reduction over the per-image values.
+        name: Loss name.
+        dtype: Keras dtype of the reduced loss.
+
+    Raises:
+        ValueError: If all weights are zero, any weight is negative, or
+            `from_logits=False` is combined with `bce_weight > 0`.
+
+    Example:
+        loss = CombinedLoss(bce_weight=1.0, dice_weight=1.0)
+        model.compile(optimizer="adam", loss=loss)
+    """
+
+    def __init__(
+        self,
+        bce_weight=1.0,
+        dice_weight=0.0,
+        jaccard_weight=0.0,
+        from_logits=True,
+        smooth=1.0,
+        reduction="sum_over_batch_size",
+        name="combined_loss",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        weights = {
+            "bce_weight": float(bce_weight),
+            "dice_weight": float(dice_weight),
+            "jaccard_weight": float(jaccard_weight),
+        }
+        negative = {k: v for k, v in weights.items() if v < 0.0}
+        if negative:
+            raise ValueError(f"CombinedLoss weights must be >= 0; got {negative}.")
+        if all(v == 0.0 for v in weights.values()):
+            raise ValueError(
+                "CombinedLoss needs at least one non-zero weight; got "
+                f"bce_weight={bce_weight}, dice_weight={dice_weight}, "
+                f"jaccard_weight={jaccard_weight}."
+            )
+        if weights["bce_weight"] > 0.0 and not from_logits:
+            raise ValueError(
+                "CombinedLoss: the BCE term needs logits, but from_logits=False "
+                f"with bce_weight={bce_weight}. Use from_logits=True (model "
+                "outputs logits) or set bce_weight=0."
+            )
+        _check_smooth(smooth)
+        self.bce_weight = weights["bce_weight"]
+        self.dice_weight = weights["dice_weight"]
+        self.jaccard_weight = weights["jaccard_weight"]
+        self.from_logits = bool(from_logits)
+        self.smooth = float(smooth)
+
+    def call(self, y_true, y_pred):
+        y_true, y_pred = _prepare(y_true, y_pred, "CombinedLoss")
+        terms = []
+        if self.bce_weight:
+            bce = binary_crossentropy_with_logits(y_true, y_pred)
+            terms.append(self.bce_weight * bce)
+        if self.dice_weight or self.jaccard_weight:
+            probs = ops.sigmoid(y_pred) if self.from_logits else y_pred
+            if self.dice_weight:
+                dice = soft_dice_loss(y_true, probs, self.smooth)
+                terms.append(self.dice_weight * dice)
+            if self.jaccard_weight:
+                jaccard = soft_jaccard_loss(y_true, probs, self.smooth)
+                terms.append(self.jaccard_weight * jaccard)
+        return sum(terms[1:], terms[0])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            bce_weight=self.bce_weight,
+            dice_weight=self.dice_weight,
+            jaccard_weight=self.jaccard_weight,
+            from_logits=self.from_logits,
+            smooth=self.smooth,
+        )
+        return config
+
+
+def get_loss(name):
+    """Builds a loss from its short name, for configs and the CLI.
+
+    All returned losses expect logits (`from_logits=True`); combined losses
+    weight both terms 1.0.
+
+    Args:
+        name: str. One of `LOSS_NAMES`: "bce", "dice", "jaccard", "bce+dice",
+            "bce+jaccard". Case and spaces are ignored ("BCE + Dice").
+
+    Returns:
+        A new `keras.losses.Loss` instance.
+
+    Raises:
+        ValueError: If `name` is unknown; the message lists the valid names.
+
+    Example:
+        loss = get_loss("bce+dice")  # CombinedLoss(1.0, 1.0, 0.0)
+    """
+    key = "".join(str(name).split()).lower()
+    if key == "bce":
+        return BinaryCrossentropyWithLogits()
+    if key == "dice":
+        return SoftDiceLoss()
+    if key == "jaccard":
+        return SoftJaccardLoss()
+    if key == "bce+dice":
+        return CombinedLoss(bce_weight=1.0, dice_weight=1.0, name="bce_dice_loss")
+    if key == "bce+jaccard":
+        return CombinedLoss(
+            bce_weight=1.0, jaccard_weight=1.0, name="bce_jaccard_loss"
+        )
+    raise ValueError(
+        f"Unknown loss name {name!r}; valid names: {', '.join(LOSS_NAMES)}."
+    )
