@@ -44,7 +44,7 @@ def image_grid(images, truths, probs):
     rows = []
     for img, t, p in zip(images, truths, probs):
         t3 = np.repeat((t[..., :1] * 255).astype(np.uint8), 3, axis=-1)
-        p3 = np.repeat((np.clip(p[..., :1], 0, 1) * 255).astype(np.uint8), 3, axis=-1)
+        p3 = np.repeat((np.clip(np.nan_to_num(p[..., :1]), 0, 1) * 255).astype(np.uint8), 3, axis=-1)
         rows.append(np.concatenate([img.astype(np.uint8), t3, p3], axis=1))
     return np.concatenate(rows, axis=0)[None]
 

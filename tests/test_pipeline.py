@@ -159,3 +159,16 @@ def test_decode_formats_tf_cannot_read(tmp_path):
     np.testing.assert_array_equal(pipeline.decode_image(str(tmp_path / "i.TIF".lower())).numpy(), rgb)
     Image.fromarray(rgb[..., 0]).save(tmp_path / "g.bmp")
     assert pipeline.decode_image(str(tmp_path / "g.bmp")).numpy().shape == (6, 9, 3)
+
+
+@pytest.mark.parametrize(
+    "n, batch, replicas, expected",
+    [(10, 4, 1, 4), (9, 4, 2, None), (11, 4, 2, 4), (5, 4, 2, None), (13, 8, 2, 8),
+     (9, 8, 2, 6), (4, 8, 2, 8), (12, 6, 4, 4)],
+)
+def test_eval_batch_size_splits_evenly_and_leaves_no_replica_empty(n, batch, replicas, expected):
+    b = pipeline.eval_batch_size(n, batch, replicas)
+    assert b == expected
+    if b is not None and replicas > 1:
+        assert min(b, n) % replicas == 0
+        assert n <= b or n % b == 0 or n % b >= replicas

@@ -180,6 +180,25 @@ def make_dataset(
     return ds.prefetch(AUTOTUNE)
 
 
+def eval_batch_size(n: int, batch_size: int, replicas: int = 1):
+    """Batch size <= `batch_size` for evaluating `n` images on `replicas` replicas.
+
+    Under a distribution strategy every batch is split across the replicas.
+    Keras builds the model from the first batch averaged over replicas, so that
+    batch must split evenly, and a last batch smaller than the replica count
+    would leave a replica with an empty batch, which the CPU kernels reject.
+    Choosing the batch size (rather than dropping or repeating images) keeps
+    the metrics exact. Returns None when no batch size works (tiny odd sets).
+    """
+    if replicas == 1:
+        return batch_size
+    for b in range(batch_size - batch_size % replicas, 0, -replicas):
+        first, rest = min(b, n), (n % b if n > b else 0)
+        if first % replicas == 0 and (rest == 0 or rest >= replicas):
+            return b
+    return None
+
+
 def _random_crop(image, mask, size, seed):
     both = tf.concat([image, mask], axis=-1)
     both = tf.image.random_crop(both, (size, size, 4), seed=seed)

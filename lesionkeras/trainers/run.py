@@ -114,7 +114,7 @@ def _best_so_far(history_csv: Path, monitor: str):
     return float(hist[monitor].max())
 
 
-def fit(cfg, *, resume_dir=None, verbose=1, log=print) -> FitResult:
+def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> FitResult:
     """Trains `cfg.method` and fills the run directory.
 
     Args:
@@ -122,8 +122,19 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print) -> FitResult:
         resume_dir: str or None. Continue the interrupted run in this folder.
         verbose: int. Keras verbosity (1 = progress bar, 2 = one line per epoch).
         log: callable. Where status lines go.
+        extra_callbacks: sequence of `keras.callbacks.Callback`, run after the built-in ones.
     """
     _check_sizes(cfg)
+    if resume_dir:
+        run_dir = Path(resume_dir)
+    else:
+        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(
+                f"{run_dir}: run directory exists and is not empty "
+                "(choose another --out, or continue it with --resume)"
+            )
+        cfg = cfg.override({"out": str(run_dir)})
     keras.utils.set_random_seed(cfg.seed)
     df, report = prepare_data(cfg)
     warnings = summarize_warnings(report)
@@ -143,16 +154,6 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print) -> FitResult:
         mean, std = pipeline.compute_stats(train_dec)
     cfg = cfg.override({"data.mean": list(mean), "data.std": list(std)})
 
-    if resume_dir:
-        run_dir = Path(resume_dir)
-    else:
-        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(
-                f"{run_dir}: run directory exists and is not empty "
-                "(choose another --out, or continue it with --resume)"
-            )
-        cfg = cfg.override({"out": str(run_dir)})
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.toml")
 
@@ -163,14 +164,24 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print) -> FitResult:
         train_dec, batch_size=cfg.train.batch_size, mean=mean, std=std, training=True,
         augment=cfg.augment, crop_size=crop, seed=cfg.seed,
     )
-    val_ds = (
-        pipeline.make_dataset(
-            val_dec, batch_size=cfg.train.batch_size, mean=mean, std=std, training=False,
-            crop_size=crop,
+    replicas = strategy.num_replicas_in_sync
+    if cfg.train.batch_size % replicas:
+        raise ConfigError(
+            f"`train.batch_size` ({cfg.train.batch_size}) must be a multiple of the "
+            f"{replicas} replicas of the distribution strategy"
         )
-        if val_dec is not None
-        else None
-    )
+    val_ds = None
+    if val_dec is not None:
+        val_batch = pipeline.eval_batch_size(len(val_df), cfg.train.batch_size, replicas)
+        if val_batch is None:
+            # Tiny odd validation sets cannot be split evenly across replicas.
+            keep = len(val_df) - len(val_df) % replicas
+            log(f"warning: validating on {keep} of {len(val_df)} images so that "
+                f"{replicas} replicas get equal batches")
+            val_dec, val_batch = val_dec.take(keep), replicas
+        val_ds = pipeline.make_dataset(
+            val_dec, batch_size=val_batch, mean=mean, std=std, training=False, crop_size=crop,
+        )
     trainer = TRAINERS[cfg.method]
     with strategy.scope():
         model = trainer.build(cfg)
@@ -198,6 +209,7 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print) -> FitResult:
                 every=cfg.train.image_every,
             )
         )
+    callbacks.extend(extra_callbacks)
     log(
         f"training {cfg.model.name} ({model.count_params():,} parameters) on "
         f"{len(train_df)} images, validating on {len(val_df)}; strategy "

@@ -1,0 +1,114 @@
+"""Training behaviour: learning, resume, NaN stop, distribution, mixed precision."""
+
+import json
+import re
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from lesionkeras import config as config_lib
+from lesionkeras.cli import main
+from lesionkeras.trainers import run as run_lib
+
+TINY = {"data.image_size": 32, "model.filters": 8, "model.depth": 2, "train.batch_size": 4,
+        "train.progress": False, "data.limit": 24}
+
+
+def tiny_cfg(tmp_path, **extra):
+    over = dict(TINY, out=str(tmp_path / "run"))
+    over.update({k.replace("__", "."): v for k, v in extra.items()})
+    return config_lib.load_config(None, over)
+
+
+class InterruptAfter(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_resume_continues_an_interrupted_run(tmp_path):
+    cfg = tiny_cfg(tmp_path, train__epochs=3, seed=4)
+    with pytest.raises(KeyboardInterrupt):
+        run_lib.fit(cfg, verbose=0, extra_callbacks=[InterruptAfter(0)])
+    run = tmp_path / "run"
+    assert len(pd.read_csv(run / "history.csv")) == 1
+    resumed = run_lib.fit(run_lib.load_run_config(run), resume_dir=run, verbose=0)
+    assert resumed.epochs_run == 2  # epochs 2 and 3 only
+    hist = pd.read_csv(run / "history.csv")
+    assert list(hist["epoch"]) == [0, 1, 2]
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_resume_via_cli_extends_a_finished_run(tmp_path):
+    cfg = tiny_cfg(tmp_path, train__epochs=1)
+    run_lib.fit(cfg, verbose=0)
+    res = CliRunner().invoke(main, ["fit", "--resume", str(tmp_path / "run"), "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 2
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    run_lib.fit(tiny_cfg(tmp_path, train__epochs=1), verbose=0)
+    res = CliRunner().invoke(
+        main, ["fit", "--out", str(tmp_path / "run"), "--limit", "8", "--image-size", "32"]
+    )
+    assert res.exit_code == 2 and "--resume" in res.output
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    res = CliRunner().invoke(
+        main,
+        ["fit", "--out", str(tmp_path / "run"), "--limit", "16", "--image-size", "32",
+         "--filters", "8", "--depth", "2", "--epochs", "3", "--optimizer", "sgd",
+         "--lr", "1e30", "--no-progress"],
+    )
+    assert res.exit_code == 1, res.output
+    assert re.search(r"loss became NaN at epoch \d+, batch \d+", res.output)
+    assert "Traceback" not in res.output
+
+
+def test_seeded_runs_are_reproducible(tmp_path):
+    a = run_lib.fit(tiny_cfg(tmp_path / "a", train__epochs=1, seed=3), verbose=0)
+    b = run_lib.fit(tiny_cfg(tmp_path / "b", train__epochs=1, seed=3), verbose=0)
+    ha = pd.read_csv(a.run_dir / "history.csv")
+    hb = pd.read_csv(b.run_dir / "history.csv")
+    np.testing.assert_allclose(ha["loss"], hb["loss"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+    lines = []
+    cfg = tiny_cfg(tmp_path, train__epochs=2, train__strategy="mirrored")
+    result = run_lib.fit(cfg, verbose=0, log=lines.append)
+    assert any("MirroredStrategy with 2 replica(s)" in l for l in lines)
+    hist = pd.read_csv(result.run_dir / "history.csv")
+    assert np.isfinite(hist["loss"]).all() and 0 <= result.metrics["dice"] <= 1
+
+
+def test_mixed_precision_trains(tmp_path):
+    cfg = tiny_cfg(tmp_path, train__epochs=1, train__mixed_precision=True)
+    lines = []
+    result = run_lib.fit(cfg, verbose=0, log=lines.append)
+    assert any("mixed_bfloat16" in l for l in lines)
+    assert np.isfinite(pd.read_csv(result.run_dir / "history.csv")["loss"]).all()
+
+
+@pytest.mark.slow
+def test_baseline_learns_synthetic_lesions(tmp_path):
+    """The acceptance bar of the foundation issue: validation Dice >= 0.75 at 64 px."""
+    cfg = config_lib.load_config(
+        None,
+        {"out": str(tmp_path / "run"), "data.image_size": 64, "train.epochs": 14,
+         "train.progress": False, "seed": 0},
+    )
+    result = run_lib.fit(cfg, verbose=0)
+    hist = pd.read_csv(result.run_dir / "history.csv")
+    assert hist["loss"].iloc[-1] < hist["loss"].iloc[0]
+    assert result.metrics["dice"] >= 0.75, result.metrics
