@@ -172,8 +172,12 @@ def _load_data(data, limit):
 @THRESHOLD_OPTION
 @BATCH_OPTION
 @LIMIT_OPTION
+@click.option("--split", type=click.Choice(["all", "train", "val"]), default="all",
+              show_default=True,
+              help="Score only the run's own training or validation images (needs a run "
+                   "directory; the split is rebuilt from its config and seed).")
 @handle_errors
-def evaluate(model_path, data, out, threshold, batch_size, limit):
+def evaluate(model_path, data, out, threshold, batch_size, limit, split):
     """Score MODEL on a labelled folder: per-image CSV, summary JSON, table."""
     _quiet_tensorflow_import()
     from lesionkeras import inference
@@ -182,11 +186,26 @@ def evaluate(model_path, data, out, threshold, batch_size, limit):
     predictor = inference.load_predictor(model_path, threshold=threshold)
     for note in predictor.notes:
         click.echo(note, err=True)
-    df = _load_data(data, limit)
-    check.validate(df, require_masks=True, source=data or "synthetic")
+    if split == "all":
+        df = _load_data(data, limit)
+        check.validate(df, require_masks=True, source=data or "synthetic")
+    else:
+        from lesionkeras.trainers import run
+
+        if not Path(model_path).is_dir():
+            raise click.UsageError("--split needs a run directory as MODEL.")
+        cfg = run.load_run_config(model_path)
+        if data:
+            cfg = cfg.override({"data.source": data})
+        if limit is not None:
+            cfg = cfg.override({"data.limit": limit})
+        df, _ = run.prepare_data(cfg)
+        df = df[df["split"] == split].reset_index(drop=True)
+        data = data or cfg.data.source
     if out is None:
         base = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
-        out = base / f"eval-{Path(data).name if data else 'synthetic'}"
+        suffix = "" if split == "all" else f"-{split}"
+        out = base / f"eval-{Path(data).name if data else 'synthetic'}{suffix}"
     with click.progressbar(length=len(df), label="evaluating", file=sys.stderr) as bar:
         _, summary = inference.evaluate(
             predictor, df, out_dir=out, batch_size=batch_size or 8, progress=bar.update

@@ -220,3 +220,16 @@ def test_evaluate_and_predict_bad_inputs(tmp_path):
     (tmp_path / "m.txt").write_text("x")
     res = invoke("predict", tmp_path / "m.txt", tmp_path, "--out", tmp_path / "o")
     assert res.exit_code == 2 and "unknown model format" in res.output
+
+
+def test_evaluate_split_rebuilds_the_runs_validation_set(tmp_path):
+    data = write_generic(tmp_path / "d", n=10)
+    run = tmp_path / "run"
+    assert invoke("fit", "--data", data, "--out", run, "--epochs", 1, *TINY,
+                  "--val-fraction", 0.3).exit_code == 0
+    res = invoke("evaluate", run, "--split", "val")
+    assert res.exit_code == 0, res.output
+    per_image = pd.read_csv(run / f"eval-{data.name}-val" / "per_image.csv")
+    assert len(per_image) == 3
+    res = invoke("evaluate", run / "model.keras", "--split", "val")
+    assert res.exit_code == 2 and "run directory" in res.output

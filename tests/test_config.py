@@ -64,3 +64,12 @@ def test_baseline_toml_documents_every_key():
     for key, _, _ in config_lib.describe():
         name = key.split(".")[-1]
         assert re.search(rf"^{name} = ", text, re.M), f"{key} is not documented"
+
+
+def test_ronneberger_config_builds_the_seed_papers_unet():
+    from lesionkeras.trainers import baseline
+
+    cfg = config_lib.load_config("configs/unet_ronneberger.toml")
+    model = baseline.build_model(cfg)
+    assert not any(type(l).__name__ == "BatchNormalization" for l in model.layers)
+    assert 31_000_000 < model.count_params() < 31_100_000
