@@ -19,13 +19,11 @@ from PIL import Image
 from lesionkeras import config as config_lib
 from lesionkeras import losses as _losses  # noqa: F401 - registers the loss classes for loading
 from lesionkeras import metrics as metrics_lib
-from lesionkeras.data import check, layout, pipeline, sources
-from lesionkeras.errors import ConfigError, DataError
+from lesionkeras.data import layout, pipeline
+from lesionkeras.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif"}
-SCORE_COLUMNS = (
-    "dice", "jaccard", "threshold_jaccard", "pixel_accuracy", "sensitivity", "specificity"
-)
+SCORE_COLUMNS = metrics_lib.SCORE_NAMES
 
 
 @dataclasses.dataclass

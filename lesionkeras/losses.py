@@ -25,6 +25,8 @@ Example:
 import keras
 from keras import ops
 
+from lesionkeras.shapes import as_float32, check_shapes
+
 LOSS_NAMES = ("bce", "dice", "jaccard", "bce+dice", "bce+jaccard")
 
 _PACKAGE = "lesionkeras"
@@ -35,35 +37,10 @@ _PACKAGE = "lesionkeras"
 # --------------------------------------------------------------------------
 
 
-def _as_float32(x):
-    return ops.cast(ops.convert_to_tensor(x), "float32")
-
-
-def _check_shapes(y_true, y_pred, what):
-    """Raises ValueError unless both tensors are `(B, H, W, K)` and agree.
-
-    Only static dimensions are compared: inside `tf.function` the batch size
-    (and sometimes H, W) is unknown, and an unknown dimension can't disagree.
-    """
-    true_shape = tuple(y_true.shape)
-    pred_shape = tuple(y_pred.shape)
-    if len(true_shape) != 4 or len(pred_shape) != 4:
-        raise ValueError(
-            f"{what}: expected y_true and y_pred of shape (B, H, W, K); got "
-            f"y_true.shape={true_shape} and y_pred.shape={pred_shape}."
-        )
-    for a, b in zip(true_shape, pred_shape):
-        if a is not None and b is not None and a != b:
-            raise ValueError(
-                f"{what}: y_true and y_pred shapes differ: "
-                f"y_true.shape={true_shape}, y_pred.shape={pred_shape}."
-            )
-
-
 def _prepare(y_true, y_pred, what):
-    y_true = _as_float32(y_true)
-    y_pred = _as_float32(y_pred)
-    _check_shapes(y_true, y_pred, what)
+    y_true = as_float32(y_true)
+    y_pred = as_float32(y_pred)
+    check_shapes(y_true, y_pred, what)
     return y_true, y_pred
 
 
@@ -217,7 +194,7 @@ class _OverlapLoss(keras.losses.Loss):
         self.smooth = float(smooth)
 
     def call(self, y_true, y_pred):
-        probs = _as_float32(y_pred)
+        probs = as_float32(y_pred)
         if self.from_logits:
             probs = ops.sigmoid(probs)
         return type(self)._fn(y_true, probs, smooth=self.smooth)

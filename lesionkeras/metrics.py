@@ -36,6 +36,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from lesionkeras.shapes import as_float32, check_shapes
+
 _PACKAGE = "lesionkeras"
 
 SCORE_NAMES = (
@@ -53,38 +55,6 @@ ISIC_JACCARD_FLOOR = 0.65
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
-
-
-def _as_float32(x):
-    return ops.cast(ops.convert_to_tensor(x), "float32")
-
-
-def _check_shapes(y_true, y_pred, what, shapes=None):
-    """Raises ValueError unless both are `(B, H, W, K)` with equal shapes.
-
-    Args:
-        y_true: Tensor.
-        y_pred: Tensor.
-        what: str. Caller name for the message.
-        shapes: Optional pair of shapes to report instead (the caller's
-            original shapes, before a batch axis was added).
-    """
-    true_shape = tuple(y_true.shape)
-    pred_shape = tuple(y_pred.shape)
-    shown = shapes or (true_shape, pred_shape)
-    if len(true_shape) != 4 or len(pred_shape) != 4:
-        raise ValueError(
-            f"{what}: expected y_true and y_pred of shape (B, H, W, K); got "
-            f"y_true.shape={shown[0]} and y_pred.shape={shown[1]}."
-        )
-    # Only static dimensions can be compared; None (unknown in a traced
-    # function) never counts as a mismatch.
-    for a, b in zip(true_shape, pred_shape):
-        if a is not None and b is not None and a != b:
-            raise ValueError(
-                f"{what}: y_true and y_pred shapes differ: "
-                f"y_true.shape={shown[0]}, y_pred.shape={shown[1]}."
-            )
 
 
 def _check_threshold(threshold):
@@ -108,7 +78,7 @@ def _cutoff(threshold, from_logits):
 
 def _binarize(y_pred, threshold, from_logits):
     """Boolean prediction mask: `y_pred >= cutoff`."""
-    return ops.greater_equal(_as_float32(y_pred), _cutoff(threshold, from_logits))
+    return ops.greater_equal(as_float32(y_pred), _cutoff(threshold, from_logits))
 
 
 def _as_mask(x):
@@ -116,7 +86,7 @@ def _as_mask(x):
     x = ops.convert_to_tensor(x)
     if x.dtype == "bool":
         return x
-    return ops.greater_equal(_as_float32(x), 0.5)
+    return ops.greater_equal(as_float32(x), 0.5)
 
 
 def _safe_ratio(numerator, denominator, empty_value):
@@ -173,7 +143,7 @@ def confusion_counts(y_true, y_pred_binary):
     """
     t = _as_mask(y_true)
     p = _as_mask(y_pred_binary)
-    _check_shapes(t, p, "confusion_counts")
+    check_shapes(t, p, "confusion_counts")
     spatial = (1, 2)
 
     # Count in integers and convert once: a float32 running sum of ones can
@@ -209,7 +179,7 @@ def scores_from_counts(tp, fp, fn, tn):
         scores = scores_from_counts(*confusion_counts(y_true, y_bin))
         scores["dice"]  # (B, K)
     """
-    tp, fp, fn, tn = (_as_float32(c) for c in (tp, fp, fn, tn))
+    tp, fp, fn, tn = (as_float32(c) for c in (tp, fp, fn, tn))
     errors = fp + fn
     return {
         "dice": _safe_ratio(2.0 * tp, 2.0 * tp + errors, 1.0),
@@ -237,7 +207,7 @@ def threshold_jaccard(jaccard, floor=ISIC_JACCARD_FLOOR):
     Example:
         threshold_jaccard(np.array([0.5, 0.9]))  # [0.0, 0.9], mean 0.45
     """
-    jaccard = _as_float32(jaccard)
+    jaccard = as_float32(jaccard)
     # Compare in float32 so a float32 Jaccard of exactly 0.65 passes a 0.65
     # floor (the float64 0.65 is a hair larger than the float32 one).
     floor = ops.cast(floor, "float32")
@@ -289,12 +259,12 @@ def per_image_scores(
     """
     _check_threshold(threshold)
     want_numpy = not (ops.is_tensor(y_true) or ops.is_tensor(y_pred))
-    t = _as_float32(y_true)
-    p = _as_float32(y_pred)
+    t = as_float32(y_true)
+    p = as_float32(y_pred)
     original_shapes = (tuple(t.shape), tuple(p.shape))
     t = _add_batch_axis(t, "y_true")
     p = _add_batch_axis(p, "y_pred")
-    _check_shapes(t, p, "per_image_scores", shapes=original_shapes)
+    check_shapes(t, p, "per_image_scores", shapes=original_shapes)
     scores = _channel_scores(t, p, threshold, from_logits, floor)
     out = {name: ops.mean(scores[name], axis=-1) for name in SCORE_NAMES}
     if want_numpy:
@@ -362,9 +332,9 @@ class PerImageScore(keras.metrics.Metric):
 
     def per_image(self, y_true, y_pred):
         """The per-image score this metric averages, shape `(B,)`."""
-        y_true = _as_float32(y_true)
-        y_pred = _as_float32(y_pred)
-        _check_shapes(y_true, y_pred, self.name)
+        y_true = as_float32(y_true)
+        y_pred = as_float32(y_pred)
+        check_shapes(y_true, y_pred, self.name)
         if self.class_id is not None:
             channels = y_pred.shape[-1]
             if channels is not None and self.class_id >= channels:
@@ -394,7 +364,7 @@ class PerImageScore(keras.metrics.Metric):
         if sample_weight is None:
             weights = ops.ones_like(values)
         else:
-            weights = _as_float32(sample_weight)
+            weights = as_float32(sample_weight)
             shape = tuple(weights.shape)
             if len(shape) == 0:
                 weights = weights * ops.ones_like(values)

@@ -25,10 +25,9 @@ import re
 
 import pandas as pd
 
+from lesionkeras.data.classes import ATTRIBUTES, DIAGNOSES
 from lesionkeras.errors import ConfigError, DataError
 
-ATTRIBUTES = ("globules", "milia_like_cyst", "negative_network", "pigment_network", "streaks")
-DIAGNOSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 LAYOUTS = ("isic", "ph2", "generic", "manifest")
 
 BASE_COLUMNS = ("id", "image", "mask", "split", "fold", "clean")

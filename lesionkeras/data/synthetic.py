@@ -24,6 +24,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
+from lesionkeras.data.classes import ATTRIBUTES, DIAGNOSES
 from lesionkeras.errors import DataError
 
 __all__ = [
@@ -36,9 +37,6 @@ __all__ = [
     "cache_root",
     "cached_dataset",
 ]
-
-ATTRIBUTES = ("globules", "milia_like_cyst", "negative_network", "pigment_network", "streaks")
-DIAGNOSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")  # ISIC 2018 Task 3 order
 
 # NV dominates as in ISIC, but far less than the real 67 %, so that every
 # class is seen often enough in a few hundred images.
