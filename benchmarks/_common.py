@@ -64,6 +64,8 @@ def _quiet_tensorflow_import():
         import tensorflow as tf
 
         tf.config.list_logical_devices("CPU")
+        # Many models are built on purpose; their retracing warnings are noise here.
+        tf.get_logger().setLevel("ERROR")
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -97,6 +97,10 @@ FIT_FLAGS = {
     "weight_decay": "train.weight_decay", "loss": "train.loss",
     "val_fraction": "data.val_fraction", "filters": "model.filters", "depth": "model.depth",
     "progress": "train.progress",
+    "meta_grad": "meta.meta_grad", "clean_batch_size": "meta.clean_batch_size",
+    "simulate_noise": "meta.simulate_noise", "clean_count": "meta.clean_count",
+    "noisy_data": "meta.noisy_data", "clean_data": "meta.clean_data",
+    "encoder_weights": "model.encoder_weights", "schedule": "train.schedule",
 }
 
 
@@ -130,6 +134,22 @@ FIT_FLAGS = {
 @click.option("--filters", type=click.IntRange(min=1), default=None, help="U-Net base filters.")
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="U-Net depth.")
 @click.option("--progress/--no-progress", default=None, help="Keras progress bar (default on).")
+@click.option("--encoder-weights", type=click.Path(exists=True), default=None,
+              help="ResNet U-Nets: local encoder weights (.weights.h5 or keras-hub preset folder).")
+@click.option("--schedule", type=click.Choice(
+    ["constant", "one_cycle", "slanted_triangular", "linear_decay", "plateau"]), default=None,
+    help="Learning-rate schedule (default: constant).")
+@click.option("--meta-grad", type=click.Choice(["nested", "forward"]), default=None,
+              help="meta: nested tapes (reference) or forward mode for eq. 7.")
+@click.option("--clean-batch-size", type=click.IntRange(min=1), default=None,
+              help="meta: clean images per step (default 10).")
+@click.option("--simulate-noise", type=click.Choice(["7-vertex", "3-vertex", "4-axis", "maximal"]),
+              default=None, help="meta: noisy masks for all training images but --clean-count.")
+@click.option("--clean-count", type=click.IntRange(min=1), default=None,
+              help="meta: clean training images kept by --simulate-noise.")
+@click.option("--noisy-data", default=None, help="meta: folder of images with noisy masks.")
+@click.option("--clean-data", default=None,
+              help="meta: folder of images with clean masks (also the validation split).")
 @handle_errors
 def fit(config_file, resume, **flags):
     """Train a model; writes a run directory (config, checkpoints, TensorBoard)."""
@@ -157,6 +177,48 @@ def fit(config_file, resume, **flags):
     if parts:
         click.echo("validation (best checkpoint): " + ", ".join(parts))
     click.echo(f"tensorboard --logdir {result.run_dir / 'tensorboard'}")
+
+
+@main.command(name="lr-find")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML config; flags override its keys.")
+@DATA_OPTION
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for lr_find.csv and lr_find.png.")
+@click.option("--model", default=None, help="Registered model name (default: unet).")
+@BATCH_OPTION
+@click.option("--image-size", type=click.IntRange(min=16), default=None,
+              help="Model input side in pixels.")
+@click.option("--seed", type=int, default=None, help="Seed of every random choice.")
+@LIMIT_OPTION
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default=None)
+@click.option("--loss", type=click.Choice(["bce", "dice", "jaccard", "bce+dice", "bce+jaccard"]),
+              default=None)
+@click.option("--filters", type=click.IntRange(min=1), default=None, help="U-Net base filters.")
+@click.option("--depth", type=click.IntRange(min=1), default=None, help="U-Net depth.")
+@click.option("--encoder-weights", type=click.Path(exists=True), default=None,
+              help="ResNet U-Nets: local encoder weights.")
+@click.option("--steps", type=click.IntRange(min=2), default=100, show_default=True,
+              help="Batches of the test (it stops earlier if the loss diverges).")
+@click.option("--min-lr", type=click.FloatRange(min=0, min_open=True), default=1e-7,
+              show_default=True)
+@click.option("--max-lr", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True)
+@handle_errors
+def lr_find(config_file, out, steps, min_lr, max_lr, **flags):
+    """Learning-rate range test: writes a CSV and a log-x plot, prints the suggested rate."""
+    if min_lr >= max_lr:
+        raise click.UsageError(f"--min-lr ({min_lr}) must be below --max-lr ({max_lr}).")
+    overrides = {FIT_FLAGS[k]: v for k, v in flags.items() if v is not None}
+    cfg = config_lib.load_config(config_file, overrides)
+    _quiet_tensorflow_import()
+    from lesionkeras.trainers import lr_find as lr_find_lib
+
+    result = lr_find_lib.run_lr_find(cfg, out, min_lr=min_lr, max_lr=max_lr, steps=steps)
+    stop = "the loss diverged" if result.diverged else "all steps run"
+    click.echo(f"tried {len(result.lrs)} rates from {min_lr:.2g} to {result.lrs[-1]:.2g} ({stop})")
+    click.echo(f"wrote {Path(out) / 'lr_find.csv'} and {Path(out) / 'lr_find.png'}")
+    click.echo(f"suggested learning rate: {result.suggestion:.3g}")
 
 
 def _load_data(data, limit):
@@ -261,6 +323,28 @@ def synth(out, count, size, seed):
         path = synthetic.write_isic(out, count=count, size=size, seed=seed,
                                     progress=lambda n: bar.update(1))
     click.echo(f"wrote {count} synthetic images ({size} px, seed {seed}) to {path}")
+
+
+@data.command()
+@click.option("--level", required=True, type=click.Choice(["7-vertex", "3-vertex", "4-axis", "maximal"]),
+              help="Noise level (Mirikharaji et al. 2019, section 3).")
+@click.option("--in", "source", required=True, type=click.Path(),
+              help="Folder of masks (or one mask file).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder (must not exist or be empty).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Tie-breaking seed.")
+@click.option("--band", type=click.IntRange(min=0), default=None,
+              help="Empty border of `maximal` masks in pixels (default: 1/32 of the side).")
+@handle_errors
+def noise(level, source, out, seed, band):
+    """Write polygon-simplified (noisy) 0/255 PNG masks, one per input mask."""
+    from lesionkeras.data import noise as noise_lib
+
+    count = len(noise_lib.list_masks(source))
+    with click.progressbar(length=count, label="simplifying", file=sys.stderr) as bar:
+        path = noise_lib.write_noisy_masks(source, out, level, seed=seed, band=band,
+                                           progress=lambda n: bar.update(1))
+    click.echo(f"wrote {count} {level} masks (seed {seed}) to {path}")
 
 
 @data.command(name="check")

@@ -95,12 +95,41 @@ class ModelConfig:
         "Decoder up-sampling: `bilinear` resize + conv, or `transpose` convolution.",
         choices=("bilinear", "transpose"),
     )
+    encoder_weights: str = _field(
+        "",
+        "ResNet U-Nets: local encoder weights (`.weights.h5` of a keras-hub ResNetBackbone, "
+        "or a keras-hub preset folder); empty = random initialisation.",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     optimizer: str = _field("adam", "Optimiser.", choices=("adam", "adamw", "sgd"))
-    lr: float = _field(1e-3, "Learning rate.", minimum=0.0)
+    lr: float = _field(
+        1e-3, "Learning rate (the peak rate of `one_cycle` and `slanted_triangular`).",
+        minimum=0.0,
+    )
+    schedule: str = _field(
+        "constant",
+        "Learning-rate schedule: `constant`, `one_cycle` (Smith), `slanted_triangular` "
+        "(Howard & Ruder), `linear_decay` (to final_lr), or `plateau` (divide on a plateau "
+        "of val_dice).",
+        choices=("constant", "one_cycle", "slanted_triangular", "linear_decay", "plateau"),
+    )
+    pct_start: float = _field(0.3, "one_cycle: fraction of the steps spent rising.")
+    div_factor: float = _field(25.0, "one_cycle: lr / starting rate.", minimum=1.0)
+    final_div_factor: float = _field(
+        1e4, "one_cycle: starting rate / final rate.", minimum=1.0
+    )
+    cut_frac: float = _field(0.1, "slanted_triangular: fraction of the steps spent rising.")
+    stlr_ratio: float = _field(
+        32.0, "slanted_triangular: lr / lowest rate.", minimum=1.0
+    )
+    final_lr: float = _field(0.0, "linear_decay: rate reached at the last step.", minimum=0.0)
+    plateau_divide: float = _field(10.0, "plateau: divide the rate by this.", minimum=1.0)
+    plateau_patience: int = _field(
+        5, "plateau: epochs without a better val_dice before dividing.", minimum=1
+    )
     weight_decay: float = _field(0.0, "Decoupled weight decay (adamw, sgd).", minimum=0.0)
     momentum: float = _field(0.9, "SGD momentum.", minimum=0.0)
     epochs: int = _field(20, "Training epochs.", minimum=1)
@@ -123,13 +152,38 @@ class TrainConfig:
     progress: bool = _field(True, "Show the Keras progress bar.")
 
 
+@dataclasses.dataclass(frozen=True)
+class MetaConfig:
+    meta_grad: str = _field(
+        "nested",
+        "meta: how eq. 7 is differentiated: `nested` tapes (reference) or `forward` "
+        "(closed form at W0 = 0, one forward-mode pass).",
+        choices=("nested", "forward"),
+    )
+    clean_batch_size: int = _field(10, "meta: clean images per step (paper: 10).", minimum=1)
+    simulate_noise: str = _field(
+        "",
+        "meta: experiment mode, replace the masks of all training images but `clean_count` "
+        "by this polygon noise (`7-vertex`, `3-vertex`, `4-axis`, `maximal`; empty = off).",
+        choices=("", "7-vertex", "3-vertex", "4-axis", "maximal"),
+    )
+    clean_count: int = _field(
+        16, "meta: clean training images kept by `simulate_noise`.", minimum=1
+    )
+    noisy_data: str = _field("", "meta: folder of images with noisy masks (real use).")
+    clean_data: str = _field(
+        "", "meta: folder of images with clean masks (real use; also gives the validation split)."
+    )
+
+
 SECTIONS = {
     "data": DataConfig,
     "augment": AugmentConfig,
     "model": ModelConfig,
     "train": TrainConfig,
+    "meta": MetaConfig,
 }
-METHODS = ("baseline",)
+METHODS = ("baseline", "meta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +195,7 @@ class Config:
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    meta: MetaConfig = dataclasses.field(default_factory=MetaConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -234,6 +289,11 @@ def from_dict(values: dict, origin: str = "config") -> Config:
         raise ConfigError(
             f"{origin}: `data.val_fraction` must be in [0, 1). Received: {cfg.data.val_fraction}"
         )
+    for key in ("pct_start", "cut_frac"):
+        if not 0.0 < getattr(cfg.train, key) < 1.0:
+            raise ConfigError(
+                f"{origin}: `train.{key}` must be in (0, 1). Received: {getattr(cfg.train, key)}"
+            )
     if not 0.0 < cfg.train.threshold < 1.0:
         raise ConfigError(
             f"{origin}: `train.threshold` must be in (0, 1). Received: {cfg.train.threshold}"

@@ -43,6 +43,20 @@ def build(name, **kwargs):
     return get(name)(**kwargs)
 
 
+def accepted_options(name, options):
+    """The subset of `options` that the builder `name` takes as keyword arguments.
+
+    The `[model]` table holds the options of every model; each builder gets
+    only its own (a ResNet U-Net has no `depth`, a U-Net no `encoder_weights`).
+    """
+    import inspect
+
+    params = inspect.signature(get(name)).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    return {k: v for k, v in options.items() if k in params}
+
+
 def _load_builtin():
     # Importing the builder modules runs their @register decorators.
-    from lesionkeras.models import unet  # noqa: F401
+    from lesionkeras.models import resnet_unet, unet  # noqa: F401

@@ -25,13 +25,17 @@ import pandas as pd
 import tensorflow as tf
 
 from lesionkeras import config as config_lib
+from lesionkeras import schedules
 from lesionkeras.callbacks import ImageGrid, LearningRateLogger, StopOnNaN
 from lesionkeras.data import check, pipeline, sources
 from lesionkeras.distribute import resolve_strategy, set_precision
 from lesionkeras.errors import ConfigError, DataError, LesionKerasError
-from lesionkeras.trainers import baseline
+from lesionkeras.trainers import baseline, meta
 
-TRAINERS = {"baseline": baseline}
+# A trainer module provides `build(cfg[, steps_per_epoch])` and may provide
+# `load_manifest(cfg)` (its own data sources, or None), `prepare_manifest(cfg, df)`
+# (after the split) and `train_dataset(cfg, train_df, mean, std)` (its own streams).
+TRAINERS = {"baseline": baseline, "meta": meta}
 
 
 class TrainingError(LesionKerasError):
@@ -54,13 +58,17 @@ def default_run_dir(method: str) -> Path:
 def prepare_data(cfg, *, require_masks=True):
     """Manifest with splits, validated; raises DataError before anything is written."""
     d = cfg.data
-    df = sources.load_manifest(
-        d.source,
-        limit=d.limit,
-        synthetic_count=d.synthetic_count,
-        synthetic_size=d.synthetic_size or d.image_size,
-        synthetic_seed=0,
-    )
+    trainer = TRAINERS.get(cfg.method)
+    loader = getattr(trainer, "load_manifest", None)
+    df = loader(cfg) if loader else None
+    if df is None:
+        df = sources.load_manifest(
+            d.source,
+            limit=d.limit,
+            synthetic_count=d.synthetic_count,
+            synthetic_size=d.synthetic_size or d.image_size,
+            synthetic_seed=0,
+        )
     report = check.validate(df, require_masks=require_masks, source=d.source)
     val_ids = None
     if d.val_list:
@@ -78,6 +86,8 @@ def prepare_data(cfg, *, require_masks=True):
     )
     if not (df["split"] == "train").any():
         raise DataError(f"{d.source}: no training images left after the validation split")
+    if hasattr(trainer, "prepare_manifest"):
+        df = trainer.prepare_manifest(cfg, df)
     return df, report
 
 
@@ -95,8 +105,19 @@ def summarize_warnings(report) -> list[str]:
     return lines
 
 
+def build_for_training(trainer, cfg, steps_per_epoch):
+    """`trainer.build(cfg)`, telling it the steps per epoch if it takes them (schedules)."""
+    import inspect
+
+    if "steps_per_epoch" in inspect.signature(trainer.build).parameters:
+        return trainer.build(cfg, steps_per_epoch=max(steps_per_epoch, 1))
+    return trainer.build(cfg)
+
+
 def _check_sizes(cfg):
     depth = cfg.model.depth if cfg.model.name == "unet" else 0
+    if cfg.model.name.startswith("resnet"):
+        depth = 5  # the ResNet encoder halves the input five times
     size = cfg.data.crop_size or cfg.data.image_size
     if depth and size % (2**depth):
         raise ConfigError(
@@ -160,10 +181,14 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
     policy = set_precision(cfg.train.mixed_precision)
     strategy = resolve_strategy(cfg.train.strategy)
     crop = d.crop_size
-    train_ds = pipeline.make_dataset(
-        train_dec, batch_size=cfg.train.batch_size, mean=mean, std=std, training=True,
-        augment=cfg.augment, crop_size=crop, seed=cfg.seed,
-    )
+    trainer = TRAINERS[cfg.method]
+    if hasattr(trainer, "train_dataset"):
+        train_ds = trainer.train_dataset(cfg, train_df, mean, std)
+    else:
+        train_ds = pipeline.make_dataset(
+            train_dec, batch_size=cfg.train.batch_size, mean=mean, std=std, training=True,
+            augment=cfg.augment, crop_size=crop, seed=cfg.seed,
+        )
     replicas = strategy.num_replicas_in_sync
     if cfg.train.batch_size % replicas:
         raise ConfigError(
@@ -184,7 +209,7 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
         )
     trainer = TRAINERS[cfg.method]
     with strategy.scope():
-        model = trainer.build(cfg)
+        model = build_for_training(trainer, cfg, int(train_ds.cardinality()))
 
     monitor = "val_dice" if val_ds is not None else "dice"
     nan_stop = StopOnNaN()
@@ -192,6 +217,7 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
         keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
         nan_stop,
         LearningRateLogger(),
+        *schedules.schedule_callbacks(cfg.train, monitor),
         keras.callbacks.ModelCheckpoint(
             str(run_dir / "model.keras"), monitor=monitor, mode="max", save_best_only=True,
             initial_value_threshold=_best_so_far(run_dir / "history.csv", monitor),

@@ -1,0 +1,460 @@
+"""`--method meta`: pixel-wise meta-reweighting of noisy masks.
+
+Mirikharaji, Yan, Hamarneh, "Learning to Segment Skin Lesions from Noisy
+Annotations" (MICCAI DART 2019), eq. 6-9, extending Ren et al., "Learning to
+Reweight Examples for Robust Deep Learning" (ICML 2018). Every step:
+
+1. per-pixel BCE `l` on a noisy batch, weighted by `W0 = 0` (eq. 3);
+2. one virtual SGD step `theta_hat = theta - alpha * grad_theta sum(W0 * l)` with
+   the optimiser's current learning rate alpha (eq. 6);
+3. the mean BCE of a clean batch at `theta_hat` and its gradient with respect
+   to the pixel weights, `U = -eta * dLc/dW` (eq. 7, eta = alpha);
+4. `W = max(0, U) / sum(max(0, U))` over the whole (global) noisy batch (eq. 8);
+   when every weight is 0 the step updates nothing and `zero_weight_steps` counts it;
+5. the real update of theta on `sum(W * l)` with the configured optimiser (eq. 9).
+
+`meta_grad="nested"` gets eq. 7 by differentiating through the virtual step
+(nested tapes, the virtual pass through `stateless_call`). `meta_grad="forward"`
+uses the closed form at `W0 = 0`: `dLc/dw_p = -alpha * <grad l_p, grad Lc>`, the
+directional derivative of each pixel's loss along the clean gradient, one
+`tf.autodiff.ForwardAccumulator` pass and no second-order graph.
+
+Batch norm: the noisy forward pass at `theta` is the real step's forward pass,
+so its moving-statistics update is applied once, after the real update; the
+clean pass at `theta_hat` is virtual and its statistics are discarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from lesionkeras import metrics as metrics_lib
+from lesionkeras.data import noise, pipeline
+from lesionkeras.data import layout, sources
+from lesionkeras.data.augment import Augmenter
+from lesionkeras.errors import ConfigError, DataError
+from lesionkeras.trainers import baseline
+
+META_GRADS = ("nested", "forward")
+
+
+def pixel_bce(y_true, logits):
+    """Per-pixel sigmoid cross-entropy from logits, float32, same shape as the inputs."""
+    z = tf.cast(y_true, tf.float32)
+    x = tf.cast(logits, tf.float32)
+    return tf.nn.relu(x) - x * z + tf.math.log1p(tf.exp(-tf.abs(x)))
+
+
+def normalize_weights(u):
+    """Eq. 8: rectify, then divide by the sum over the global batch.
+
+    Under a distribution strategy the sum runs over every replica's batch, so
+    the weights of the whole global batch sum to 1.
+
+    Args:
+        u: float32 tensor (B, H, W, K). Unnormalised weights `U` of eq. 7.
+
+    Returns:
+        (weights, any_positive): weights >= 0 summing to 1 over the global
+        batch (all 0 if no entry of `u` is positive), and a bool scalar.
+    """
+    u = tf.nn.relu(u)
+    total = tf.reduce_sum(u)
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, total)
+    positive = total > 0.0
+    return tf.math.divide_no_nan(u, total), positive
+
+
+def _all_reduce_mean(tensors):
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return tensors
+    return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tensors)
+
+
+@keras.saving.register_keras_serializable(package="lesionkeras")
+class MetaReweighter(keras.Model):
+    """Trains a segmentation network with meta-learned pixel weights.
+
+    Wraps `network` (logits out); `save` writes the plain network, so the
+    `.keras` checkpoints are ordinary segmentation models.
+
+    Args:
+        network: keras.Model. Images (B, H, W, 3) -> logits (B, H, W, 1).
+        meta_grad: str. `"nested"` (reference) or `"forward"`. Defaults to `"nested"`.
+        threshold: float. Threshold of the Dice/Jaccard metrics. Defaults to 0.5.
+
+    Example:
+
+    ```python
+    trainer = MetaReweighter(build_unet((64, 64, 3), filters=8, depth=2), meta_grad="forward")
+    trainer.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9))
+    trainer.fit(ds)  # elements: {"noisy_image", "noisy_mask", "clean_image", "clean_mask"}
+    ```
+    """
+
+    def __init__(self, network, meta_grad="nested", threshold=0.5, **kwargs):
+        super().__init__(**kwargs)
+        if meta_grad not in META_GRADS:
+            raise ValueError(
+                f"`meta_grad` must be one of {META_GRADS}. Received: meta_grad={meta_grad!r}"
+            )
+        self.network = network
+        self.meta_grad = meta_grad
+        self.threshold = threshold
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.noisy_loss_tracker = keras.metrics.Mean(name="noisy_loss")
+        self.clean_loss_tracker = keras.metrics.Mean(name="clean_loss")
+        self.zero_fraction_tracker = keras.metrics.Mean(name="zero_weight_fraction")
+        self.zero_steps_tracker = keras.metrics.Sum(name="zero_weight_steps")
+        self.seg_metrics = metrics_lib.default_metrics(threshold=threshold, from_logits=True)
+        # The wrapped functional network is built; so is this wrapper.
+        self.built = True
+
+    @property
+    def metrics(self):
+        return [
+            self.loss_tracker, self.noisy_loss_tracker, self.clean_loss_tracker,
+            self.zero_fraction_tracker, self.zero_steps_tracker, *self.seg_metrics,
+        ]
+
+    def call(self, inputs, training=False):
+        return self.network(inputs, training=training)
+
+    def save(self, filepath, *args, **kwargs):
+        """Saves the plain segmentation network (what evaluate/predict load)."""
+        return self.network.save(filepath, *args, **kwargs)
+
+    def get_config(self):
+        return {
+            "network": keras.saving.serialize_keras_object(self.network),
+            "meta_grad": self.meta_grad,
+            "threshold": self.threshold,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["network"] = keras.saving.deserialize_keras_object(config["network"])
+        return cls(**config)
+
+    # ------------------------------------------------------------------ #
+    # Eq. 6-8
+    # ------------------------------------------------------------------ #
+
+    def _learning_rate(self):
+        return tf.cast(tf.convert_to_tensor(self.optimizer.learning_rate), tf.float32)
+
+    def _clean_loss(self, trainable, non_trainable, x_clean, y_clean):
+        # Training-mode pass (batch statistics); its non-trainable updates are
+        # returned by stateless_call and dropped here: this pass is virtual.
+        logits, _ = self.network.stateless_call(trainable, non_trainable, x_clean, training=True)
+        return tf.reduce_mean(pixel_bce(y_clean, logits))
+
+    def meta_weights(self, x_noisy, y_noisy, x_clean, y_clean):
+        """Eq. 6-8 for one batch, changing no variable.
+
+        Returns:
+            dict of tensors: `weights` (B, H, W, 1), >= 0, summing to 1 over the
+            global batch; `any_positive` (bool); `clean_loss` (eq. 2 at theta_hat).
+        """
+        out, _ = self._meta_pass(x_noisy, y_noisy, x_clean, y_clean)
+        return {k: out[k] for k in ("weights", "any_positive", "clean_loss")}
+
+    def _meta_pass(self, x_noisy, y_noisy, x_clean, y_clean):
+        """Eq. 6-8, keeping what the real step needs.
+
+        Returns:
+            (dict, tape): the dict holds `weights`, `any_positive`, `pixel_loss`
+            (per-pixel BCE of the noisy batch as a function of `theta`, recorded
+            on `tape`), `clean_loss`, `non_trainable` (the batch-norm updates of
+            the noisy pass), `theta` and `logits`.
+        """
+        net = self.network
+        variables = net.trainable_variables
+        theta = [tf.convert_to_tensor(v) for v in variables]
+        non_trainable = [tf.convert_to_tensor(v) for v in net.non_trainable_variables]
+        alpha = self._learning_rate()
+        eta = alpha
+        if self.meta_grad == "nested":
+            w0 = tf.zeros_like(tf.cast(y_noisy, tf.float32))
+            # The outer tape records the inner gradient, so the virtual step
+            # (eq. 6) can be differentiated with respect to the weights.
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch(theta)
+                tape.watch(w0)
+                with tf.GradientTape() as inner:
+                    inner.watch(theta)
+                    logits, new_nt = net.stateless_call(
+                        theta, non_trainable, x_noisy, training=True
+                    )
+                    pixel_loss = pixel_bce(y_noisy, logits)
+                    weighted = tf.reduce_sum(w0 * pixel_loss)
+                grads = inner.gradient(weighted, theta)
+                grads = [tf.zeros_like(t) if g is None else g for t, g in zip(theta, grads)]
+                theta_hat = [t - alpha * g for t, g in zip(theta, grads)]
+            with tf.GradientTape() as clean_tape:
+                clean_tape.watch(theta_hat)
+                clean_loss = self._clean_loss(theta_hat, non_trainable, x_clean, y_clean)
+            g_clean = clean_tape.gradient(clean_loss, theta_hat)
+            g_clean = [tf.zeros_like(t) if g is None else g for t, g in zip(theta, g_clean)]
+            g_clean = _all_reduce_mean(g_clean)
+            # Chain rule through the virtual step: dLc/dW = (dtheta_hat/dW)^T dLc/dtheta_hat.
+            grad_w = tape.gradient(theta_hat, w0, output_gradients=g_clean)
+            u = -eta * grad_w
+        else:
+            with tf.GradientTape() as clean_tape:
+                clean_tape.watch(theta)
+                clean_loss = self._clean_loss(theta, non_trainable, x_clean, y_clean)
+            g_clean = clean_tape.gradient(clean_loss, theta)
+            g_clean = [tf.zeros_like(t) if g is None else g for t, g in zip(theta, g_clean)]
+            g_clean = _all_reduce_mean(g_clean)
+            with tf.autodiff.ForwardAccumulator(theta, g_clean) as acc:
+                with tf.GradientTape(persistent=True) as tape:
+                    tape.watch(theta)
+                    logits, new_nt = net.stateless_call(
+                        theta, non_trainable, x_noisy, training=True
+                    )
+                    pixel_loss = pixel_bce(y_noisy, logits)
+                directional = acc.jvp(pixel_loss, unconnected_gradients="zero")
+            # At W0 = 0, theta_hat = theta - alpha * sum_p w_p grad l_p, so
+            # dLc/dw_p = -alpha <grad l_p, grad Lc> and U = eta * alpha * directional.
+            u = eta * alpha * directional
+        weights, positive = normalize_weights(tf.stop_gradient(u))
+        out = {
+            "weights": weights, "any_positive": positive, "pixel_loss": pixel_loss,
+            "clean_loss": clean_loss, "non_trainable": new_nt, "theta": theta,
+            "logits": logits,
+        }
+        return out, tape
+
+    # ------------------------------------------------------------------ #
+    # Eq. 9
+    # ------------------------------------------------------------------ #
+
+    def train_step(self, data):
+        data, _, _ = keras.utils.unpack_x_y_sample_weight(data)  # fit: dict; train_on_batch: (dict,)
+        x_noisy, y_noisy = data["noisy_image"], data["noisy_mask"]
+        x_clean, y_clean = data["clean_image"], data["clean_mask"]
+        out, tape = self._meta_pass(x_noisy, y_noisy, x_clean, y_clean)
+        weights = out["weights"]
+        with tape:
+            loss = tf.reduce_sum(weights * out["pixel_loss"])
+        grads = tape.gradient(loss, out["theta"])
+        del tape
+        variables = self.network.trainable_variables
+        grads = [tf.zeros_like(v) if g is None else g for v, g in zip(variables, grads)]
+
+        # All weights 0: the step updates nothing (no momentum, no weight decay).
+        self._apply_if(out["any_positive"], grads, variables)
+        for var, value in zip(self.network.non_trainable_variables, out["non_trainable"]):
+            var.assign(value)
+
+        # Global batch loss: each replica holds its share of the weighted sum.
+        ctx = tf.distribute.get_replica_context()
+        replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+        self.loss_tracker.update_state(loss * replicas)
+        self.noisy_loss_tracker.update_state(tf.reduce_mean(out["pixel_loss"]))
+        self.clean_loss_tracker.update_state(out["clean_loss"])
+        self.zero_fraction_tracker.update_state(
+            tf.reduce_mean(tf.cast(weights <= 0.0, tf.float32))
+        )
+        self.zero_steps_tracker.update_state(
+            tf.cast(tf.logical_not(out["any_positive"]), tf.float32) / replicas
+        )
+        for m in self.seg_metrics:
+            m.update_state(y_noisy, out["logits"])
+        return {m.name: m.result() for m in self.metrics}
+
+    def _apply_if(self, positive, grads, variables):
+        """`optimizer.apply` when `positive`, else nothing."""
+
+        def update():
+            self.optimizer.apply(grads, variables)
+
+        ctx = tf.distribute.get_replica_context()
+        if ctx is None or ctx.num_replicas_in_sync == 1:
+            tf.cond(positive, update, lambda: None)
+            return
+
+        # A branch that calls merge_call (the optimiser does) cannot sit in a
+        # replica-context cond, so the cond runs in cross-replica context.
+        # `positive` comes from an all-reduced sum: every replica agrees.
+        def cross_replica(strategy, positive):
+            first = strategy.experimental_local_results(positive)[0]
+            tf.cond(
+                first, lambda: strategy.extended.call_for_each_replica(update), lambda: None
+            )
+
+        ctx.merge_call(cross_replica, args=(positive,))
+
+    def test_step(self, data):
+        x, y = data[0], data[1]
+        logits = self.network(x, training=False)
+        self.loss_tracker.update_state(tf.reduce_mean(pixel_bce(y, logits)))
+        for m in self.seg_metrics:
+            m.update_state(y, logits)
+        return {m.name: m.result() for m in [self.loss_tracker, *self.seg_metrics]}
+
+
+# ---------------------------------------------------------------------- #
+# Building, data
+# ---------------------------------------------------------------------- #
+
+
+def build(cfg, steps_per_epoch=None):
+    """The compiled `MetaReweighter` for `cfg` (call inside the strategy scope)."""
+    from lesionkeras import losses
+
+    if cfg.train.mixed_precision:
+        raise ConfigError("`train.mixed_precision` is not supported by `method = \"meta\"`")
+    network = baseline.build_model(cfg)
+    optimizer = baseline.make_optimizer(cfg.train, steps_per_epoch)
+    # The network is compiled too (same optimiser), so that its saved
+    # checkpoints load and evaluate as the baseline's do.
+    network.compile(
+        optimizer=optimizer,
+        loss=losses.get_loss(cfg.train.loss),
+        metrics=metrics_lib.default_metrics(threshold=cfg.train.threshold, from_logits=True),
+    )
+    model = MetaReweighter(network, meta_grad=cfg.meta.meta_grad, threshold=cfg.train.threshold)
+    model.compile(optimizer=optimizer, jit_compile=False)
+    model.optimizer.build(network.trainable_variables)
+    return model
+
+
+def _cache_key(*parts):
+    return hashlib.sha1("\n".join(map(str, parts)).encode()).hexdigest()[:12]
+
+
+def simulate_noise(df, level, clean_count, seed):
+    """Experiment mode: keeps `clean_count` training images clean, the rest noisy.
+
+    Noisy masks are written once to the cache (`synthetic.cache_root()/noisy-...`)
+    and reused by later runs with the same masks, level and seed.
+
+    Args:
+        df: manifest with `split` filled.
+        level: str. A `noise.LEVELS` entry.
+        clean_count: int. Clean training images, chosen at random (seeded).
+        seed: int.
+
+    Returns:
+        Copy of `df`: `clean` True for the clean training rows and every
+        validation row; noisy rows get the cached noisy mask in `mask` and
+        keep the true one in `true_mask`.
+    """
+    from lesionkeras.data import synthetic
+
+    df = df.copy()
+    train = np.flatnonzero(df["split"].values == "train")
+    if not 0 < clean_count < len(train):
+        raise ConfigError(
+            f"`meta.clean_count` must be between 1 and {len(train) - 1} (the training images "
+            f"but one). Received: {clean_count}"
+        )
+    rng = np.random.default_rng(seed)
+    clean_rows = set(rng.choice(train, size=clean_count, replace=False).tolist())
+    noisy_rows = [i for i in train if i not in clean_rows]
+    masks = [df.at[i, "mask"] for i in noisy_rows]
+    key = _cache_key(level, seed, *masks)
+    folder = synthetic.cache_root() / f"noisy-{level}-seed{seed}-{key}"
+    names = [f"{i:06d}.png" for i in range(len(noisy_rows))]
+    if not folder.is_dir():
+        noise.write_noisy_list(list(zip(masks, names)), folder, level, seed=seed)
+    df["true_mask"] = df["mask"]
+    df["clean"] = True
+    for i, name in zip(noisy_rows, names):
+        df.at[i, "mask"] = str(folder / name)
+        df.at[i, "clean"] = False
+    return df
+
+
+def load_manifest(cfg):
+    """Real use (`meta.noisy_data` + `meta.clean_data`), else None.
+
+    Rows of the noisy folder train the noisy stream; the clean folder is
+    split by `data.val_fraction` (seeded) into the clean stream and the
+    validation set (noisy masks cannot validate).
+    """
+    m = cfg.meta
+    if not (m.noisy_data or m.clean_data):
+        return None
+    if not (m.noisy_data and m.clean_data):
+        raise ConfigError("`meta.noisy_data` and `meta.clean_data` go together; give both")
+    noisy = layout.build_manifest(m.noisy_data)
+    clean = sources.load_manifest(m.clean_data)
+    noisy = noisy.assign(id="noisy/" + noisy["id"], clean=False, split="train")
+    clean = pipeline.assign_splits(
+        clean.assign(split=""), val_fraction=cfg.data.val_fraction, seed=cfg.seed
+    )
+    clean = clean.assign(id="clean/" + clean["id"], clean=True)
+    if cfg.data.limit:
+        noisy = noisy.iloc[: cfg.data.limit]
+    return pd.concat([noisy, clean], ignore_index=True)
+
+
+def prepare_manifest(cfg, df):
+    """Marks clean/noisy training rows (simulated noise or real folders)."""
+    m = cfg.meta
+    if m.simulate_noise:
+        if m.noisy_data or m.clean_data:
+            raise ConfigError("`meta.simulate_noise` cannot be combined with `meta.noisy_data`")
+        return simulate_noise(df, m.simulate_noise, m.clean_count, cfg.seed)
+    if not (m.noisy_data or m.clean_data):
+        raise ConfigError(
+            "`method = \"meta\"` needs clean and noisy masks: give `--simulate-noise LEVEL "
+            "--clean-count K`, or `--noisy-data DIR --clean-data DIR`"
+        )
+    return df
+
+
+def _clean_stream(decoded, *, batch_size, mean, std, augment, crop_size, seed):
+    """Shuffled clean batches, repeating forever (full batches only)."""
+    n = int(decoded.cardinality())
+    ds = decoded.shuffle(max(n, 1), seed=seed, reshuffle_each_iteration=True).repeat()
+    if crop_size:
+        ds = ds.map(lambda i, msk: pipeline._random_crop(i, msk, crop_size, seed))
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda i, msk: (tf.cast(i, tf.float32), tf.cast(msk, tf.float32)))
+    if augment is not None:
+        aug = Augmenter(augment, seed=seed)
+        if aug.active:
+            ds = ds.map(aug)
+    norm = pipeline.normalizer(mean, std)
+    return ds.map(lambda i, msk: (norm(i), msk))
+
+
+def train_dataset(cfg, train_df, mean, std):
+    """Zipped noisy batches (`train.batch_size`) and repeating clean batches."""
+    d = cfg.data
+    noisy_df = train_df[~train_df["clean"].astype(bool)].reset_index(drop=True)
+    clean_df = train_df[train_df["clean"].astype(bool)].reset_index(drop=True)
+    if noisy_df.empty or clean_df.empty:
+        raise DataError(
+            f"{d.source}: meta needs both noisy and clean training images "
+            f"(found {len(noisy_df)} noisy, {len(clean_df)} clean)"
+        )
+    noisy = pipeline.make_dataset(
+        pipeline.decoded_dataset(noisy_df, d.image_size, cache=d.cache),
+        batch_size=cfg.train.batch_size, mean=mean, std=std, training=True,
+        augment=cfg.augment, crop_size=d.crop_size, seed=cfg.seed,
+    )
+    clean = _clean_stream(
+        pipeline.decoded_dataset(clean_df, d.image_size, cache=d.cache),
+        batch_size=cfg.meta.clean_batch_size, mean=mean, std=std, augment=cfg.augment,
+        crop_size=d.crop_size, seed=cfg.seed + 1,
+    )
+    both = tf.data.Dataset.zip((noisy, clean)).map(
+        lambda a, b: {
+            "noisy_image": a[0], "noisy_mask": a[1], "clean_image": b[0], "clean_mask": b[1],
+        }
+    )
+    return both.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,146 @@
+"""`--method meta` (Mirikharaji et al. 2019, eq. 6-9): weights, both meta-gradients, BN, CLI."""
+
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+from lesionkeras.cli import main
+from lesionkeras.models.unet import build_unet
+from lesionkeras.trainers.meta import MetaReweighter, normalize_weights
+
+
+def batch(seed=0, noisy=2, clean=4, size=32):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.normal(size=s).astype("float32")  # noqa: E731
+    m = lambda *s: (rng.random(s) > 0.5).astype("float32")  # noqa: E731
+    return {
+        "noisy_image": f(noisy, size, size, 3), "noisy_mask": m(noisy, size, size, 1),
+        "clean_image": f(clean, size, size, 3), "clean_mask": m(clean, size, size, 1),
+    }
+
+
+def trainer(meta_grad="nested", lr=0.1, seed=0):
+    keras.utils.set_random_seed(seed)
+    net = build_unet((32, 32, 3), filters=8, depth=2, batch_norm=True)
+    model = MetaReweighter(net, meta_grad=meta_grad)
+    model.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9), jit_compile=False)
+    model.optimizer.build(net.trainable_variables)
+    return model
+
+
+def weights_of(model, data):
+    out = tf.function(model.meta_weights)(
+        data["noisy_image"], data["noisy_mask"], data["clean_image"], data["clean_mask"]
+    )
+    return {k: v.numpy() for k, v in out.items()}
+
+
+@pytest.mark.parametrize(
+    "u, expected, positive",
+    [
+        ([-1.0, 1.0, 3.0, 0.0], [0.0, 0.25, 0.75, 0.0], True),
+        ([2.0, 2.0, 2.0, 2.0], [0.25] * 4, True),
+        ([-1.0, 0.0, -3.0, 0.0], [0.0] * 4, False),
+    ],
+)
+def test_normalize_weights(u, expected, positive):
+    w, pos = normalize_weights(tf.reshape(tf.constant(u), (1, 2, 2, 1)))
+    np.testing.assert_allclose(w.numpy().ravel(), expected, rtol=1e-6)
+    assert bool(pos) is positive
+
+
+def test_normalize_weights_sums_over_the_global_batch():
+    strategy = tf.distribute.MirroredStrategy(
+        [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
+    )
+    values = [tf.constant([[1.0, 1.0]]), tf.constant([[2.0, -5.0]])]
+    per_replica = strategy.experimental_distribute_values_from_function(
+        lambda ctx: values[ctx.replica_id_in_sync_group]
+    )
+    out = strategy.run(lambda u: normalize_weights(u)[0], args=(per_replica,))
+    got = [t.numpy().ravel().tolist() for t in strategy.experimental_local_results(out)]
+    assert got == [[0.25, 0.25], [0.5, 0.0]]
+
+
+def test_nested_and_forward_give_the_same_weight_maps():
+    data = batch()
+    nested = weights_of(trainer("nested"), data)
+    forward = weights_of(trainer("forward"), data)
+    for w in (nested["weights"], forward["weights"]):
+        assert w.shape == (2, 32, 32, 1)
+        assert (w >= 0).all() and w.sum() == pytest.approx(1.0, rel=1e-5)
+        assert 0 < (w == 0).mean() < 1  # eq. 8 rectifies some pixels, not all
+    rel = np.abs(nested["weights"] - forward["weights"]).max() / np.abs(nested["weights"]).max()
+    assert rel < 1e-4
+    assert nested["clean_loss"] == pytest.approx(forward["clean_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("meta_grad", ["nested", "forward"])
+def test_virtual_passes_leave_batch_norm_statistics_alone(meta_grad):
+    data = batch(1)
+    model = trainer(meta_grad)
+    net = model.network
+    before = [v.numpy().copy() for v in net.non_trainable_variables]
+    weights_of(model, data)  # eq. 6-8 only
+    for b, v in zip(before, net.non_trainable_variables):
+        np.testing.assert_array_equal(b, v.numpy())
+    # One real step moves the statistics exactly as one training-mode pass
+    # over the noisy batch does: the clean (virtual) batch leaves no trace.
+    reference = build_unet((32, 32, 3), filters=8, depth=2, batch_norm=True)
+    reference.set_weights(net.get_weights())
+    reference(data["noisy_image"], training=True)
+    logs = model.train_on_batch(data, return_dict=True)
+    for r, v in zip(reference.non_trainable_variables, net.non_trainable_variables):
+        np.testing.assert_allclose(r.numpy(), v.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.isfinite(logs["loss"]) and logs["zero_weight_steps"] == 0
+    assert int(model.optimizer.iterations) == 1
+
+
+def test_all_zero_weights_update_nothing_and_are_counted():
+    # A zero learning rate makes U = 0 (eq. 7), so every weight is 0.
+    model = trainer("forward", lr=0.0)
+    before = [v.numpy().copy() for v in model.network.trainable_variables]
+    logs = model.train_on_batch(batch(2), return_dict=True)
+    assert logs["zero_weight_steps"] == 1 and logs["zero_weight_fraction"] == 1.0
+    assert int(model.optimizer.iterations) == 0  # the optimiser did not step
+    for b, v in zip(before, model.network.trainable_variables):
+        np.testing.assert_array_equal(b, v.numpy())
+
+
+TINY = ["--method", "meta", "--simulate-noise", "3-vertex", "--clean-count", "4",
+        "--clean-batch-size", "2", "--batch-size", "2", "--image-size", "32", "--filters", "8",
+        "--depth", "2", "--limit", "16", "--epochs", "1", "--no-progress"]
+
+
+def test_cli_fit_meta_writes_a_plain_segmentation_model(tmp_path):
+    run = tmp_path / "run"
+    res = CliRunner().invoke(main, ["fit", *TINY, "--meta-grad", "forward", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    hist = pd.read_csv(run / "history.csv")
+    for key in ("loss", "noisy_loss", "clean_loss", "zero_weight_fraction",
+                "zero_weight_steps", "dice", "val_dice"):
+        assert key in hist and np.isfinite(hist[key]).all(), key
+    model = keras.saving.load_model(run / "model.keras")
+    assert not isinstance(model, MetaReweighter)
+    assert model.output_shape == (None, None, None, 1)
+    assert "dice" in json.loads((run / "metrics.json").read_text())
+
+
+def test_cli_meta_needs_clean_and_noisy_masks(tmp_path):
+    res = CliRunner().invoke(main, ["fit", "--method", "meta", "--limit", "8",
+                                    "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "--simulate-noise" in res.output
+
+
+@pytest.mark.slow
+def test_meta_under_mirrored_strategy(tmp_path):
+    run = tmp_path / "run"
+    res = CliRunner().invoke(main, ["fit", *TINY, "--strategy", "mirrored", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    hist = pd.read_csv(run / "history.csv")
+    assert np.isfinite(hist["loss"]).all() and "2 replica" in res.output
