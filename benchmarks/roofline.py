@@ -6,9 +6,10 @@ FLOPs = 2*B*H*W*Cin*Cout*9.
 (b) Achieved: `train_on_batch` of the model `baseline.build` compiles for the
 default config (U-Net depth 4, 16 filters, batch norm, bilinear up-sampling),
 FLOPs = 3 x the forward FLOPs of its convolutions, counted from the layer
-shapes. The reference and the model steps are measured in alternation, and
-every time is the best (minimum) of its samples: the run least disturbed by
-other jobs, as the question is what the machine can do.
+shapes. The reference and the model steps are called in turn, one call each,
+`rounds x steps` times, and every time is the best (minimum) of its samples:
+the call least disturbed by other jobs, as the question is what the machine
+can do.
 
 Configurations: 96 and 128 px at batch 8 (the goal), with XLA
 (`jit_compile=True`) and at batch 16. The investigation (skip it with
@@ -165,8 +166,8 @@ def layer_step(layer, batch, probe):
 
 def main():
     p = _common.parser(__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3, help="Alternating measurement rounds.")
-    p.add_argument("--steps", type=int, default=5, help="Timed calls per measurement.")
+    p.add_argument("--rounds", type=int, default=3, help="Measurement rounds.")
+    p.add_argument("--steps", type=int, default=5, help="Calls of each contender per round.")
     p.add_argument("--no-breakdown", action="store_true", help="Skip the investigation.")
     args = p.parse_args()
     if args.quick:
@@ -179,11 +180,12 @@ def main():
         cfg, model, x, y = model_and_batch(*c, args.seed)
         train_step_time(model, x, y, 2)  # trace (and XLA-compile) the step
         models[c] = (model, x, y)
+    # One call of each in turn, so every contender samples the whole run.
     peak_s, step_s = [], collections.defaultdict(list)
-    for _ in range(args.rounds):
-        peak_s += time_calls(peak_fn, *peak_args, repeats=args.steps)
+    for _ in range(args.rounds * args.steps):
+        peak_s += time_calls(peak_fn, *peak_args, repeats=1, warmup=0)
         for c, (model, x, y) in models.items():
-            step_s[c] += train_step_time(model, x, y, args.steps)
+            step_s[c] += train_step_time(model, x, y, 1)
     del models
     peak = peak_flops / min(peak_s)
 
@@ -197,7 +199,7 @@ def main():
         rows.append([name, flops / 1e9, 1000 * seconds, flops / seconds / 1e9, fraction[(size, batch, jit)]])
     lines = [
         "## Roofline: U-Net training FLOP/s vs a large 3x3 conv "
-        f"(best of {args.rounds} alternating rounds x {args.steps} calls)",
+        f"(best of {args.rounds * args.steps} interleaved calls each)",
         "",
         _common.table(["what", "GFLOP", "ms", "GFLOP/s", "fraction of reference"], rows),
         "",
@@ -215,7 +217,7 @@ def breakdown(cfg, args, size=128, batch=8):
 
     Every layer runs forward and backward alone; these timings, the reference
     conv, the step with and without the compiled metrics and `fit` steps with
-    and without the input pipeline are measured in alternating rounds.
+    and without the input pipeline are called in turn, as in `main`.
     """
     import keras
     import tensorflow as tf
@@ -244,24 +246,27 @@ def breakdown(cfg, args, size=128, batch=8):
             value = loss(y, model(x, training=True))
         return tape.gradient(value, model.trainable_variables)
 
-    n = args.steps
     measures = {
-        "forward+backward": lambda: time_calls(forward_backward, x, y, repeats=n, warmup=0),
-        "peak": lambda: time_calls(peak_fn, *peak_args, repeats=n, warmup=0),
-        "step": lambda: train_step_time(model, x, y, n),
-        "step, no metrics": lambda: train_step_time(bare, x, y, n),
+        "forward+backward": lambda: time_calls(forward_backward, x, y, repeats=1, warmup=0),
+        "peak": lambda: time_calls(peak_fn, *peak_args, repeats=1, warmup=0),
+        "step": lambda: train_step_time(model, x, y, 1),
+        "step, no metrics": lambda: train_step_time(bare, x, y, 1),
     }
-    for name, ds in data.items():
-        measures[f"fit, {name}"] = lambda ds=ds: fit_step_time(model, ds, 2 * n)
     for layer in layers:
         fn, xs = layer_step(layer, batch, probe)
-        measures[layer.name] = lambda fn=fn, xs=xs: time_calls(fn, *xs, repeats=n, warmup=0)
+        measures[layer.name] = lambda fn=fn, xs=xs: time_calls(fn, *xs, repeats=1, warmup=0)
+    fits = {f"fit, {name}": ds for name, ds in data.items()}
     for fn in measures.values():  # warm-up: tracing
         fn()
+    for ds in fits.values():
+        fit_step_time(model, ds, 2)
     times = collections.defaultdict(list)
-    for _ in range(args.rounds):
+    for i in range(args.rounds * args.steps):
         for name, fn in measures.items():
             times[name] += fn()
+        if i % args.steps == 0:  # a fit epoch is longer: once per round
+            for name, ds in fits.items():
+                times[name] += fit_step_time(model, ds, 2 * args.steps)
     t = {name: min(v) for name, v in times.items()}
     peak = peak_flops / t["peak"]
 

@@ -83,3 +83,34 @@ def apply_upsample(x, filters, *, mode="bilinear", name="up"):
         )(x)
     x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_resize")(x)
     return layers.Conv2D(filters, 1, padding="same", name=f"{name}_proj")(x)
+
+
+def apply_global_conv(x, filters, kernel_size, *, use_bias=False, name="gcn"):
+    """Two-way global convolution (Peng et al., "Large Kernel Matters", CVPR 2017).
+
+    The sum of a `k x 1` then `1 x k` branch and a `1 x k` then `k x 1` branch:
+    a dense `k x k` receptive field with `4 * k` instead of `k * k` taps per
+    channel pair, which is how SegAN (Xue et al. 2018) gets large kernels cheaply.
+
+    Args:
+        x: tensor (B, H, W, C).
+        filters: int. Output channels.
+        kernel_size: int. The `k` of both separable branches.
+        use_bias: bool. Bias on the last convolution of each branch. Defaults to False
+            (batch norm follows).
+        name: str. Prefix of the layer names. Defaults to `"gcn"`.
+
+    Returns:
+        tensor (B, H, W, filters).
+    """
+    k = int(kernel_size)
+
+    def conv(t, shape, suffix, bias):
+        return layers.Conv2D(
+            filters, shape, padding="same", use_bias=bias, kernel_initializer="he_normal",
+            name=f"{name}_{suffix}",
+        )(t)
+
+    left = conv(conv(x, (k, 1), "l1", False), (1, k), "l2", use_bias)
+    right = conv(conv(x, (1, k), "r1", False), (k, 1), "r2", use_bias)
+    return layers.Add(name=f"{name}_sum")([left, right])
