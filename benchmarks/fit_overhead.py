@@ -281,6 +281,7 @@ def report(args, runs, wall, steps, n_val):
         later = [e for r in rs for e in r[1:]]
         m = {k: _common.median([e[k] for e in later]) for k in ("first", "val", "rest")}
         m["step"] = _common.median([s for e in later for s in e["steps"]])
+        m["best step"] = min(s for e in later for s in e["steps"])
         m["epoch"] = m["first"] + (steps - 1) * m["step"] + m["val"] + m["rest"]
         m["hooks"] = {k: _common.median([e["hooks"][k] for e in later]) for k in later[0]["hooks"]}
         m["first hooks"] = {k: _common.median([r[0]["hooks"][k] for r in rs]) for k in m["hooks"]}
@@ -314,7 +315,9 @@ def report(args, runs, wall, steps, n_val):
         ),
         "",
         f"- time per training step, whole epoch: A / B {_common.verdict(ratio, GOAL, False)}",
-        f"- step: A / B = {a['step'] / b['step']:.2f}; first step: "
+        f"- step: A / B = {a['step'] / b['step']:.2f} (best steps: "
+        f"{1000 * a['best step']:.1f} vs {1000 * b['best step']:.1f} ms, "
+        f"{a['best step'] / b['best step']:.2f}); first step: "
         f"{a['first'] / b['first']:.2f}; validation: {a['val'] / b['val']:.2f}; "
         f"epoch end: A {1000 * a['rest']:.0f} ms vs B {1000 * b['rest']:.0f} ms",
         "- projected A / B for longer epochs (same step and validation share, same "

@@ -77,4 +77,60 @@ class ImageGrid(keras.callbacks.Callback):
         self.writer.flush()
 
     def on_train_end(self, logs=None):
-        self.writer.close()
+        # Flushed, not closed: `fit --method finetune` fits twice with the same callbacks.
+        self.writer.flush()
+
+
+def logistic_k(epoch, decay=0.9, every=25, floor=0.3, initial=1.0):
+    """k of SegAN's adaptive logistic at `epoch` (0-based): `initial * decay**(epoch // every)`,
+    never below `floor` (Xue et al. 2018: 0.9 every 25 epochs, down to 0.3)."""
+    return max(float(floor), float(initial) * float(decay) ** (int(epoch) // int(every)))
+
+
+class AnnealLogisticK(keras.callbacks.Callback):
+    """Anneals k of every `AdaptiveLogistic` layer of the model (SegAN, eq. 3).
+
+    At the start of each epoch sets k to `logistic_k(epoch, ...)` (from the
+    layer's initial k) and logs it as `logistic_k`. `k` is a model variable,
+    so checkpoints keep the value they were trained with, and a resumed run
+    continues the schedule from its epoch.
+
+    Args:
+        decay: float. Factor applied every `every` epochs. Defaults to 0.9.
+        every: int. Epochs between two decays. Defaults to 25.
+        floor: float. Smallest k. Defaults to 0.3.
+    """
+
+    def __init__(self, decay=0.9, every=25, floor=0.3):
+        super().__init__()
+        if not (0 < decay <= 1 and every >= 1 and floor > 0):
+            raise ValueError(
+                "Expected 0 < decay <= 1, every >= 1 and floor > 0. "
+                f"Received: decay={decay}, every={every}, floor={floor}"
+            )
+        self.decay, self.every, self.floor = decay, every, floor
+        self._k = None
+
+    def _layers(self):
+        from lesionkeras.models.segan import AdaptiveLogistic
+
+        found, stack = [], [self.model]
+        while stack:
+            layer = stack.pop()
+            if isinstance(layer, AdaptiveLogistic):
+                found.append(layer)
+            if isinstance(layer, keras.Model):
+                stack.extend(layer.layers)
+            for attr in ("segmentor", "network"):
+                if isinstance(getattr(layer, attr, None), keras.Model):
+                    stack.append(getattr(layer, attr))
+        return found
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for layer in self._layers():
+            self._k = logistic_k(epoch, self.decay, self.every, self.floor, layer.initial_k)
+            layer.k.assign(self._k)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self._k is not None:
+            logs["logistic_k"] = self._k

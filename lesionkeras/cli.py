@@ -100,7 +100,10 @@ FIT_FLAGS = {
     "meta_grad": "meta.meta_grad", "clean_batch_size": "meta.clean_batch_size",
     "simulate_noise": "meta.simulate_noise", "clean_count": "meta.clean_count",
     "noisy_data": "meta.noisy_data", "clean_data": "meta.clean_data",
+    "finetune_epochs": "meta.finetune_epochs", "finetune_lr": "meta.finetune_lr",
     "encoder_weights": "model.encoder_weights", "schedule": "train.schedule",
+    "structures": "smile.structures", "empty_means_missing": "smile.empty_means_missing",
+    "simulate_missing": "smile.simulate_missing",
 }
 
 
@@ -150,6 +153,17 @@ FIT_FLAGS = {
 @click.option("--noisy-data", default=None, help="meta: folder of images with noisy masks.")
 @click.option("--clean-data", default=None,
               help="meta: folder of images with clean masks (also the validation split).")
+@click.option("--finetune-epochs", type=click.IntRange(min=1), default=None,
+              help="finetune: epochs on the clean images after --epochs on the noisy ones.")
+@click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="finetune: learning rate of the clean stage (default: --lr / 10).")
+@click.option("--structures", default=None,
+              help="smile/multiclass: comma-separated structures (default: lesion + 5 attributes).")
+@click.option("--empty-means-missing/--empty-means-absent", "empty_means_missing", default=None,
+              help="smile/multiclass: an empty mask file means not annotated (default: absent).")
+@click.option("--simulate-missing", type=click.FloatRange(0, 1), default=None,
+              help="smile/multiclass: drop each structure's labels from this fraction of the "
+                   "training images (seeded; recorded in RUN/annotations.csv).")
 @handle_errors
 def fit(config_file, resume, **flags):
     """Train a model; writes a run directory (config, checkpoints, TensorBoard)."""
@@ -176,6 +190,9 @@ def fit(config_file, resume, **flags):
     parts = [f"{k} {result.metrics[k]:.4f}" for k in shown if k in result.metrics]
     if parts:
         click.echo("validation (best checkpoint): " + ", ".join(parts))
+    per_structure = [f"{k[5:]} {v:.4f}" for k, v in result.metrics.items() if k.startswith("dice_")]
+    if per_structure:
+        click.echo("per-structure dice: " + ", ".join(per_structure))
     click.echo(f"tensorboard --logdir {result.run_dir / 'tensorboard'}")
 
 
@@ -345,6 +362,38 @@ def noise(level, source, out, seed, band):
         path = noise_lib.write_noisy_masks(source, out, level, seed=seed, band=band,
                                            progress=lambda n: bar.update(1))
     click.echo(f"wrote {count} {level} masks (seed {seed}) to {path}")
+
+
+@data.command(name="drop-labels")
+@click.option("--alpha", required=True, type=click.FloatRange(0, 1),
+              help="Fraction of the images that lose each structure's annotation.")
+@click.option("--in", "source", required=True, type=click.Path(exists=True),
+              help="Dataset folder (ISIC with Task 2 attributes) or manifest CSV.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder (must not exist or be empty).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the choice.")
+@click.option("--structures", default="", help="Comma-separated structures "
+              "(default: lesion + the five ISIC 2018 attributes).")
+@click.option("--empty-means-missing", is_flag=True,
+              help="An empty mask file means not annotated (default: annotated, absent).")
+@handle_errors
+def drop_labels(alpha, source, out, seed, structures, empty_means_missing):
+    """Remove each structure's annotation from a fraction ALPHA of the images (SMILE protocol).
+
+    Writes OUT/manifest.csv (pointing at the input files, with annotated_<name>
+    flags cleared for the removed annotations, so evaluation keeps the full
+    truth) and OUT/dropped.csv (id,structure of every removed annotation).
+    """
+    from lesionkeras.data import missing
+
+    names = missing.parse_structures(structures)
+    df = missing.write_dropped(source, out, alpha=alpha, seed=seed, structures=names,
+                               empty_means_missing=empty_means_missing)
+    for name in names:
+        click.echo(f"{name}: {int(df[f'dropped_{name}'].sum())} of "
+                   f"{int(df[f'dropped_{name}'].sum() + df[f'annotated_{name}'].sum())} "
+                   "annotations removed")
+    click.echo(f"wrote {Path(out) / 'manifest.csv'} and {Path(out) / 'dropped.csv'}")
 
 
 @data.command(name="check")

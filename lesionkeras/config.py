@@ -174,6 +174,72 @@ class MetaConfig:
     clean_data: str = _field(
         "", "meta: folder of images with clean masks (real use; also gives the validation split)."
     )
+    finetune_epochs: int = _field(
+        10, "finetune: epochs on the clean images after `train.epochs` on the noisy ones.",
+        minimum=1,
+    )
+    finetune_lr: float = _field(
+        0.0, "finetune: learning rate of the clean stage (0 = train.lr / 10).", minimum=0.0
+    )
+    weight_image_every: int = _field(
+        5, "meta: write the weight maps (and with simulated noise the Fig. 3 overlay) to "
+        "TensorBoard every N epochs (0 = never).", minimum=0,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SeganConfig:
+    clip: float = _field(
+        0.05, "segan: critic weights are clamped to [-clip, clip] after each critic step.",
+        minimum=0.0,
+    )
+    critic_blocks: int = _field(5, "segan: global-convolution blocks of the critic.", minimum=1)
+    critic_filters: int = _field(
+        16, "segan: filters of the first critic block (doubled per block, at most 128).",
+        minimum=1,
+    )
+    critic_kernel: int = _field(9, "segan: k of the critic's 1 x k + k x 1 convolutions.", minimum=1)
+    k_decay: float = _field(
+        0.9, "segan: adaptive logistic k is multiplied by this every `k_every` epochs.",
+        minimum=0.0,
+    )
+    k_every: int = _field(25, "segan: epochs between two decays of k.", minimum=1)
+    k_floor: float = _field(0.3, "segan: smallest k.", minimum=0.0)
+    supervised_loss: str = _field(
+        "",
+        "segan: extra supervised term of the segmentor (empty = off, the paper).",
+        choices=("", "bce", "dice", "jaccard", "bce+dice", "bce+jaccard"),
+    )
+    supervised_weight: float = _field(1.0, "segan: weight of the supervised term.", minimum=0.0)
+    warmup_epochs: int = _field(
+        0, "segan: first epochs trained on the supervised term alone (critic still trained).",
+        minimum=0,
+    )
+    threshold_search: bool = _field(
+        True,
+        "segan: after training, grid-search `train.threshold` (0.05-0.95) for the best mean "
+        "validation Jaccard and store it in the run config.",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SmileConfig:
+    structures: str = _field(
+        "lesion,globules,milia_like_cyst,negative_network,pigment_network,streaks",
+        "smile/multiclass: comma-separated structures (K sigmoid heads); `lesion` is the "
+        "`mask` column, any other name the `attr_<name>` column of the manifest.",
+    )
+    empty_means_missing: bool = _field(
+        False,
+        "smile/multiclass: an empty mask file means `not annotated` (default: annotated "
+        "and absent; a missing file always means not annotated).",
+    )
+    simulate_missing: float = _field(
+        0.0,
+        "smile/multiclass: experiment mode, drop each structure's annotation from this "
+        "fraction of the training images (independently per structure, seeded; 0 = off).",
+        minimum=0.0,
+    )
 
 
 SECTIONS = {
@@ -182,8 +248,10 @@ SECTIONS = {
     "model": ModelConfig,
     "train": TrainConfig,
     "meta": MetaConfig,
+    "segan": SeganConfig,
+    "smile": SmileConfig,
 }
-METHODS = ("baseline", "meta")
+METHODS = ("baseline", "meta", "image-reweight", "finetune", "segan", "smile", "multiclass")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +264,8 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     meta: MetaConfig = dataclasses.field(default_factory=MetaConfig)
+    segan: SeganConfig = dataclasses.field(default_factory=SeganConfig)
+    smile: SmileConfig = dataclasses.field(default_factory=SmileConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -307,6 +377,25 @@ def from_dict(values: dict, origin: str = "config") -> Config:
         raise ConfigError(
             f"{origin}: `data.fold` must be < `data.folds` ({cfg.data.folds}). "
             f"Received: {cfg.data.fold}"
+        )
+    if cfg.smile.simulate_missing > 1.0:
+        raise ConfigError(
+            f"{origin}: `smile.simulate_missing` must be in [0, 1]. "
+            f"Received: {cfg.smile.simulate_missing}"
+        )
+    sg = cfg.segan
+    for key, ok, rule in (
+        ("clip", sg.clip > 0, "> 0"),
+        ("k_decay", 0 < sg.k_decay <= 1, "in (0, 1]"),
+        ("k_floor", 0 < sg.k_floor <= 1, "in (0, 1]"),
+    ):
+        if not ok:
+            raise ConfigError(
+                f"{origin}: `segan.{key}` must be {rule}. Received: {getattr(sg, key)}"
+            )
+    if sg.warmup_epochs and not sg.supervised_loss:
+        raise ConfigError(
+            f"{origin}: `segan.warmup_epochs` needs a `segan.supervised_loss` to train on"
         )
     if len(cfg.data.mean) not in (0, 3) or len(cfg.data.std) not in (0, 3):
         raise ConfigError(f"{origin}: `data.mean` and `data.std` need 3 values each")

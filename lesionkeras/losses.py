@@ -396,6 +396,76 @@ def get_loss(name):
 
 
 # --------------------------------------------------------------------------
+# SMILE (Petit, Thome et al. 2018): missing labels
+# --------------------------------------------------------------------------
+
+
+def pixel_binary_crossentropy(y_true, logits):
+    """Per-pixel, per-structure sigmoid cross-entropy from logits, `(B, H, W, K)`.
+
+    The same stable form as `binary_crossentropy_with_logits`, not averaged.
+    """
+    z, x = _prepare(y_true, logits, "pixel_binary_crossentropy")
+    return ops.relu(x) - x * z + ops.log1p(ops.exp(-ops.abs(x)))
+
+
+def smile_loss(y_true, logits, weights):
+    """SMILE loss: `sum_k sum_px w_k L_k / sum_k sum_px w_k` over a batch.
+
+    The weighted sum over structures of per-pixel binary cross-entropies,
+    normalised by the number of weighted pixels, so an image whose labels
+    are mostly unknown does not count as mostly correct. A batch with no
+    weighted pixel has loss 0 (and zero gradient).
+
+    Reference: Petit, Thome, Soler et al., "Handling missing annotations for
+    semantic segmentation with deep ConvNets", DLMIA 2018.
+
+    Args:
+        y_true: `(B, H, W, K)` targets in {0, 1}.
+        logits: `(B, H, W, K)` raw outputs of K independent sigmoids.
+        weights: `(B, H, W, K)` binary weight maps (`data.missing.smile_weights`).
+
+    Returns:
+        float32 scalar.
+
+    Example:
+        z = np.zeros((1, 2, 2, 1), "float32"); w = np.ones_like(z)
+        smile_loss(z, np.zeros_like(z), w)  # log 2
+    """
+    per_pixel = pixel_binary_crossentropy(y_true, logits)
+    w = as_float32(weights)
+    check_shapes(per_pixel, w, "smile_loss")
+    return ops.divide_no_nan(ops.sum(per_pixel * w), ops.sum(w))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SmileLoss(keras.losses.Loss):
+    """SMILE loss through Keras' `sample_weight`: per-pixel BCE on logits.
+
+    `call` returns the per-pixel cross-entropy `(B, H, W, K)`; Keras
+    multiplies it by the `sample_weight` given with the data (the SMILE weight
+    maps, same shape) and the default reduction `"mean_with_sample_weight"`
+    divides by their sum: exactly `smile_loss`. Without sample weights it is
+    the plain mean BCE.
+
+    Args:
+        reduction: Keras reduction. Defaults to `"mean_with_sample_weight"`.
+        name: Loss name.
+        dtype: Keras dtype of the reduced loss.
+
+    Example:
+        model.compile(optimizer="adam", loss=SmileLoss())
+        model.fit(dataset_of_image_masks_weights)
+    """
+
+    def __init__(self, reduction="mean_with_sample_weight", name="smile_loss", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+
+    def call(self, y_true, y_pred):
+        return pixel_binary_crossentropy(y_true, y_pred)
+
+
+# --------------------------------------------------------------------------
 # SegAN (Xue, Xu, Huang, ISBI 2018)
 # --------------------------------------------------------------------------
 

@@ -60,3 +60,5 @@ def accepted_options(name, options):
 def _load_builtin():
     # Importing the builder modules runs their @register decorators.
     from lesionkeras.models import resnet_unet, unet  # noqa: F401
+    from lesionkeras.models import segan  # noqa: F401
+    from lesionkeras.models import deeplab  # noqa: F401

@@ -19,6 +19,10 @@ uses the closed form at `W0 = 0`: `dLc/dw_p = -alpha * <grad l_p, grad Lc>`, the
 directional derivative of each pixel's loss along the clean gradient, one
 `tf.autodiff.ForwardAccumulator` pass and no second-order graph.
 
+`granularity="image"` is `--method image-reweight`, Ren et al.'s L2RW: the
+same step with one weight per image on the image's mean pixel loss instead
+of one weight per pixel.
+
 Batch norm: the noisy forward pass at `theta` is the real step's forward pass,
 so its moving-statistics update is applied once, after the real update; the
 clean pass at `theta_hat` is virtual and its statistics are discarded.
@@ -41,6 +45,7 @@ from lesionkeras.errors import ConfigError, DataError
 from lesionkeras.trainers import baseline
 
 META_GRADS = ("nested", "forward")
+GRANULARITIES = ("pixel", "image")
 
 
 def pixel_bce(y_true, logits):
@@ -89,6 +94,9 @@ class MetaReweighter(keras.Model):
     Args:
         network: keras.Model. Images (B, H, W, 3) -> logits (B, H, W, 1).
         meta_grad: str. `"nested"` (reference) or `"forward"`. Defaults to `"nested"`.
+        granularity: str. `"pixel"` (one weight per pixel, Mirikharaji et al.
+            2019) or `"image"` (one weight per image on its mean pixel loss,
+            Ren et al. 2018). Defaults to `"pixel"`.
         threshold: float. Threshold of the Dice/Jaccard metrics. Defaults to 0.5.
 
     Example:
@@ -100,14 +108,20 @@ class MetaReweighter(keras.Model):
     ```
     """
 
-    def __init__(self, network, meta_grad="nested", threshold=0.5, **kwargs):
+    def __init__(self, network, meta_grad="nested", granularity="pixel", threshold=0.5, **kwargs):
         super().__init__(**kwargs)
         if meta_grad not in META_GRADS:
             raise ValueError(
                 f"`meta_grad` must be one of {META_GRADS}. Received: meta_grad={meta_grad!r}"
             )
+        if granularity not in GRANULARITIES:
+            raise ValueError(
+                f"`granularity` must be one of {GRANULARITIES}. "
+                f"Received: granularity={granularity!r}"
+            )
         self.network = network
         self.meta_grad = meta_grad
+        self.granularity = granularity
         self.threshold = threshold
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.noisy_loss_tracker = keras.metrics.Mean(name="noisy_loss")
@@ -136,6 +150,7 @@ class MetaReweighter(keras.Model):
         return {
             "network": keras.saving.serialize_keras_object(self.network),
             "meta_grad": self.meta_grad,
+            "granularity": self.granularity,
             "threshold": self.threshold,
         }
 
@@ -152,6 +167,12 @@ class MetaReweighter(keras.Model):
     def _learning_rate(self):
         return tf.cast(tf.convert_to_tensor(self.optimizer.learning_rate), tf.float32)
 
+    def _example_loss(self, pixel_loss):
+        """What one weight multiplies: each pixel's loss, or each image's mean."""
+        if self.granularity == "pixel":
+            return pixel_loss
+        return tf.reduce_mean(pixel_loss, axis=[1, 2, 3], keepdims=True)
+
     def _clean_loss(self, trainable, non_trainable, x_clean, y_clean):
         # Training-mode pass (batch statistics); its non-trainable updates are
         # returned by stateless_call and dropped here: this pass is virtual.
@@ -162,8 +183,8 @@ class MetaReweighter(keras.Model):
         """Eq. 6-8 for one batch, changing no variable.
 
         Returns:
-            dict of tensors: `weights` (B, H, W, 1), >= 0, summing to 1 over the
-            global batch; `any_positive` (bool); `clean_loss` (eq. 2 at theta_hat).
+            dict of tensors: `weights` (B, H, W, 1), or (B, 1, 1, 1) with
+            `granularity="image"`, >= 0, summing to 1 over the global batch; `any_positive` (bool); `clean_loss` (eq. 2 at theta_hat).
         """
         out, _ = self._meta_pass(x_noisy, y_noisy, x_clean, y_clean)
         return {k: out[k] for k in ("weights", "any_positive", "clean_loss")}
@@ -173,8 +194,8 @@ class MetaReweighter(keras.Model):
 
         Returns:
             (dict, tape): the dict holds `weights`, `any_positive`, `pixel_loss`
-            (per-pixel BCE of the noisy batch as a function of `theta`, recorded
-            on `tape`), `clean_loss`, `non_trainable` (the batch-norm updates of
+            (per-pixel BCE of the noisy batch), `example_loss` (what the weights
+            multiply; both functions of `theta` recorded on `tape`), `clean_loss`, `non_trainable` (the batch-norm updates of
             the noisy pass), `theta` and `logits`.
         """
         net = self.network
@@ -184,7 +205,8 @@ class MetaReweighter(keras.Model):
         alpha = self._learning_rate()
         eta = alpha
         if self.meta_grad == "nested":
-            w0 = tf.zeros_like(tf.cast(y_noisy, tf.float32))
+            # One zero weight per pixel, or per image (the shape of the example loss).
+            w0 = self._example_loss(tf.zeros_like(tf.cast(y_noisy, tf.float32)))
             # The outer tape records the inner gradient, so the virtual step
             # (eq. 6) can be differentiated with respect to the weights.
             with tf.GradientTape(persistent=True) as tape:
@@ -196,7 +218,8 @@ class MetaReweighter(keras.Model):
                         theta, non_trainable, x_noisy, training=True
                     )
                     pixel_loss = pixel_bce(y_noisy, logits)
-                    weighted = tf.reduce_sum(w0 * pixel_loss)
+                    example_loss = self._example_loss(pixel_loss)
+                    weighted = tf.reduce_sum(w0 * example_loss)
                 grads = inner.gradient(weighted, theta)
                 grads = [tf.zeros_like(t) if g is None else g for t, g in zip(theta, grads)]
                 theta_hat = [t - alpha * g for t, g in zip(theta, grads)]
@@ -223,13 +246,15 @@ class MetaReweighter(keras.Model):
                         theta, non_trainable, x_noisy, training=True
                     )
                     pixel_loss = pixel_bce(y_noisy, logits)
-                directional = acc.jvp(pixel_loss, unconnected_gradients="zero")
+                    example_loss = self._example_loss(pixel_loss)
+                directional = acc.jvp(example_loss, unconnected_gradients="zero")
             # At W0 = 0, theta_hat = theta - alpha * sum_p w_p grad l_p, so
             # dLc/dw_p = -alpha <grad l_p, grad Lc> and U = eta * alpha * directional.
             u = eta * alpha * directional
         weights, positive = normalize_weights(tf.stop_gradient(u))
         out = {
             "weights": weights, "any_positive": positive, "pixel_loss": pixel_loss,
+            "example_loss": example_loss,
             "clean_loss": clean_loss, "non_trainable": new_nt, "theta": theta,
             "logits": logits,
         }
@@ -246,7 +271,7 @@ class MetaReweighter(keras.Model):
         out, tape = self._meta_pass(x_noisy, y_noisy, x_clean, y_clean)
         weights = out["weights"]
         with tape:
-            loss = tf.reduce_sum(weights * out["pixel_loss"])
+            loss = tf.reduce_sum(weights * out["example_loss"])
         grads = tape.gradient(loss, out["theta"])
         del tape
         variables = self.network.trainable_variables
@@ -310,11 +335,16 @@ class MetaReweighter(keras.Model):
 
 
 def build(cfg, steps_per_epoch=None):
-    """The compiled `MetaReweighter` for `cfg` (call inside the strategy scope)."""
+    """The compiled `MetaReweighter` for `cfg` (call inside the strategy scope).
+
+    `method = "meta"` weighs pixels, `method = "image-reweight"` images.
+    """
     from lesionkeras import losses
 
     if cfg.train.mixed_precision:
-        raise ConfigError("`train.mixed_precision` is not supported by `method = \"meta\"`")
+        raise ConfigError(
+            f"`train.mixed_precision` is not supported by `method = \"{cfg.method}\"`"
+        )
     network = baseline.build_model(cfg)
     optimizer = baseline.make_optimizer(cfg.train, steps_per_epoch)
     # The network is compiled too (same optimiser), so that its saved
@@ -324,7 +354,11 @@ def build(cfg, steps_per_epoch=None):
         loss=losses.get_loss(cfg.train.loss),
         metrics=metrics_lib.default_metrics(threshold=cfg.train.threshold, from_logits=True),
     )
-    model = MetaReweighter(network, meta_grad=cfg.meta.meta_grad, threshold=cfg.train.threshold)
+    granularity = "image" if cfg.method == "image-reweight" else "pixel"
+    model = MetaReweighter(
+        network, meta_grad=cfg.meta.meta_grad, granularity=granularity,
+        threshold=cfg.train.threshold,
+    )
     model.compile(optimizer=optimizer, jit_compile=False)
     model.optimizer.build(network.trainable_variables)
     return model
@@ -410,7 +444,7 @@ def prepare_manifest(cfg, df):
         return simulate_noise(df, m.simulate_noise, m.clean_count, cfg.seed)
     if not (m.noisy_data or m.clean_data):
         raise ConfigError(
-            "`method = \"meta\"` needs clean and noisy masks: give `--simulate-noise LEVEL "
+            f"`method = \"{cfg.method}\"` needs clean and noisy masks: give `--simulate-noise LEVEL "
             "--clean-count K`, or `--noisy-data DIR --clean-data DIR`"
         )
     return df
@@ -458,3 +492,137 @@ def train_dataset(cfg, train_df, mean, std):
         }
     )
     return both.prefetch(tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------- #
+# TensorBoard: weight maps, Fig. 3 overlay
+# ---------------------------------------------------------------------- #
+
+
+def weight_overlay(weights, noisy_masks, true_masks, low=0.1):
+    """The paper's Fig. 3 colouring of one batch's weights.
+
+    Mislabelled pixels (noisy mask != true mask) are blue, low-weight pixels
+    green, so cyan means "mislabelled and ignored". A weight is low below
+    `low` times the uniform weight 1 / (pixels in the batch).
+
+    Args:
+        weights: float array (B, H, W, 1). Eq. 8 weights of the batch.
+        noisy_masks: array (B, H, W, 1). The masks trained on.
+        true_masks: array (B, H, W, 1). The clean masks.
+        low: float. Fraction of the uniform weight below which a weight is low.
+            Defaults to 0.1.
+
+    Returns:
+        uint8 array (B, H, W, 3).
+    """
+    weights = np.asarray(weights, np.float32)
+    wrong = (np.asarray(noisy_masks) > 0.5) != (np.asarray(true_masks) > 0.5)
+    small = weights < low / weights.size
+    rgb = np.zeros(weights.shape[:3] + (3,), np.uint8)
+    rgb[..., 1] = 255 * small[..., 0]
+    rgb[..., 2] = 255 * wrong[..., 0]
+    return rgb
+
+
+def weight_split(weights, noisy_masks, true_masks):
+    """Mean weight on mislabelled and on correctly labelled pixels, times the pixel count.
+
+    Scaled so that 1 is the uniform weight: below 1, the method trusts those
+    pixels less than average. NaN where a group is empty.
+
+    Returns:
+        (float, float): (mislabelled, correct).
+    """
+    weights = np.asarray(weights, np.float64)
+    wrong = (np.asarray(noisy_masks) > 0.5) != (np.asarray(true_masks) > 0.5)
+    scaled = weights * weights.size
+    mean = lambda sel: float(scaled[sel].mean()) if sel.any() else float("nan")  # noqa: E731
+    return mean(wrong), mean(~wrong)
+
+
+class WeightMaps(keras.callbacks.Callback):
+    """Writes the meta-learned weights of a fixed batch to TensorBoard.
+
+    Every `every` epochs (and after the first) the weights of eq. 8 are
+    computed, changing nothing, for a fixed noisy batch against a fixed clean
+    batch, and written to `logdir/weights`: `weights/maps` (each image's
+    weights scaled to its maximum), and, when the true masks of the noisy
+    images are known (simulated noise), `weights/fig3_overlay` (see
+    `weight_overlay`) and the scalars `weights/mislabelled_mean` and
+    `weights/correct_mean` (see `weight_split`).
+
+    Args:
+        logdir: str. TensorBoard directory of the run.
+        noisy: (images, masks) float32 arrays of the fixed noisy batch, normalised.
+        clean: (images, masks) float32 arrays of the fixed clean batch, normalised.
+        true_masks: float32 array or None. Clean masks of the noisy batch.
+        every: int. Epochs between writes. Defaults to 5.
+    """
+
+    def __init__(self, logdir, noisy, clean, true_masks=None, every=5):
+        super().__init__()
+        self.logdir = str(logdir) + "/weights"
+        self.noisy, self.clean, self.true_masks = noisy, clean, true_masks
+        self.every = every
+        self.history = []  # (epoch, mislabelled mean, correct mean)
+        self._writer = None
+        self._fn = None
+
+    def weights(self):
+        """The eq. 8 weights of the fixed batch under the current model."""
+        if self._fn is None:
+            self._fn = tf.function(self.model.meta_weights)
+        out = self._fn(*self.noisy, *self.clean)
+        return out["weights"].numpy()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.every or (epoch % self.every and epoch != 0):
+            return
+        w = self.weights()
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.logdir)
+        peak = w.max(axis=(1, 2, 3), keepdims=True)
+        maps = np.divide(w, peak, out=np.zeros_like(w), where=peak > 0)
+        if maps.shape[1] == 1:  # one weight per image: a flat tile per image
+            maps = np.broadcast_to(maps, (len(w),) + self.noisy[1].shape[1:])
+        with self._writer.as_default():
+            tf.summary.image("weights/maps", maps, step=epoch, max_outputs=len(w))
+            if self.true_masks is not None and w.shape[1] > 1:
+                overlay = weight_overlay(w, self.noisy[1], self.true_masks)
+                tf.summary.image("weights/fig3_overlay", overlay, step=epoch, max_outputs=len(w))
+                wrong, right = weight_split(w, self.noisy[1], self.true_masks)
+                tf.summary.scalar("weights/mislabelled_mean", wrong, step=epoch)
+                tf.summary.scalar("weights/correct_mean", right, step=epoch)
+                self.history.append((epoch, wrong, right))
+        self._writer.flush()
+
+
+def _fixed_batch(df, count, cfg, mean, std, column="mask"):
+    rows = df.iloc[:count].reset_index(drop=True)
+    rows = rows.assign(mask=rows[column])
+    pairs = list(pipeline.decoded_dataset(rows, cfg.data.image_size, cache=False))
+    images = np.stack([p[0].numpy() for p in pairs]).astype(np.float32)
+    masks = np.stack([p[1].numpy() for p in pairs]).astype(np.float32)
+    if cfg.data.crop_size:
+        c, off = cfg.data.crop_size, (images.shape[1] - cfg.data.crop_size) // 2
+        images, masks = images[:, off:off + c, off:off + c], masks[:, off:off + c, off:off + c]
+    return pipeline.normalizer(mean, std)(images).numpy(), masks
+
+
+def callbacks(cfg, train_df=None, mean=None, std=None):
+    """The `WeightMaps` callback of the run (none if `meta.weight_image_every` is 0)."""
+    if not cfg.meta.weight_image_every or train_df is None:
+        return []
+    is_clean = train_df["clean"].astype(bool)
+    noisy_df, clean_df = train_df[~is_clean], train_df[is_clean]
+    if noisy_df.empty or clean_df.empty:
+        return []  # train_dataset reports it
+    count = min(cfg.train.image_count, len(noisy_df))
+    noisy = _fixed_batch(noisy_df, count, cfg, mean, std)
+    clean = _fixed_batch(clean_df, min(cfg.meta.clean_batch_size, len(clean_df)), cfg, mean, std)
+    true_masks = None
+    if "true_mask" in noisy_df:
+        true_masks = _fixed_batch(noisy_df, count, cfg, mean, std, column="true_mask")[1]
+    logdir = (cfg.out or ".") + "/tensorboard"
+    return [WeightMaps(logdir, noisy, clean, true_masks, every=cfg.meta.weight_image_every)]

@@ -30,12 +30,24 @@ from lesionkeras.callbacks import ImageGrid, LearningRateLogger, StopOnNaN
 from lesionkeras.data import check, pipeline, sources
 from lesionkeras.distribute import resolve_strategy, set_precision
 from lesionkeras.errors import ConfigError, DataError, LesionKerasError
-from lesionkeras.trainers import baseline, meta
+from lesionkeras.trainers import baseline, finetune, meta
+from lesionkeras.trainers import segan
+from lesionkeras.trainers import smile
 
 # A trainer module provides `build(cfg[, steps_per_epoch])` and may provide
 # `load_manifest(cfg)` (its own data sources, or None), `prepare_manifest(cfg, df)`
-# (after the split) and `train_dataset(cfg, train_df, mean, std)` (its own streams).
-TRAINERS = {"baseline": baseline, "meta": meta}
+# (after the split) and `train_dataset(cfg, train_df, mean, std)` (its own streams),
+# and `callbacks(cfg[, train_df=, mean=, std=])` (its own callbacks, run before the
+# checkpoint and log writers).
+# `stages(cfg, train_df, mean, std)` (several `(dataset, epochs, learning_rate or None)`
+# fits in a row, epochs numbered on) replaces `train_dataset`.
+# `val_dataset(cfg, val_df, mean, std, batch_size)` builds its own validation batches.
+# `after_fit(cfg, best_model, val_ds, log)` -> (cfg, model) runs on the best checkpoint
+# before the final validation (e.g. a threshold search stored in config.toml).
+TRAINERS = {
+    "baseline": baseline, "meta": meta, "image-reweight": meta, "finetune": finetune,
+    "segan": segan, "smile": smile, "multiclass": smile,
+}
 
 
 class TrainingError(LesionKerasError):
@@ -115,7 +127,7 @@ def build_for_training(trainer, cfg, steps_per_epoch):
 
 
 def _check_sizes(cfg):
-    depth = cfg.model.depth if cfg.model.name == "unet" else 0
+    depth = cfg.model.depth if cfg.model.name in ("unet", "segan") else 0
     if cfg.model.name.startswith("resnet"):
         depth = 5  # the ResNet encoder halves the input five times
     size = cfg.data.crop_size or cfg.data.image_size
@@ -182,7 +194,11 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
     strategy = resolve_strategy(cfg.train.strategy)
     crop = d.crop_size
     trainer = TRAINERS[cfg.method]
-    if hasattr(trainer, "train_dataset"):
+    stages = None
+    if hasattr(trainer, "stages"):
+        stages = trainer.stages(cfg, train_df, mean, std)
+        train_ds = stages[0][0]
+    elif hasattr(trainer, "train_dataset"):
         train_ds = trainer.train_dataset(cfg, train_df, mean, std)
     else:
         train_ds = pipeline.make_dataset(
@@ -204,9 +220,12 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
             log(f"warning: validating on {keep} of {len(val_df)} images so that "
                 f"{replicas} replicas get equal batches")
             val_dec, val_batch = val_dec.take(keep), replicas
-        val_ds = pipeline.make_dataset(
-            val_dec, batch_size=val_batch, mean=mean, std=std, training=False, crop_size=crop,
-        )
+        if hasattr(trainer, "val_dataset"):
+            val_ds = trainer.val_dataset(cfg, val_df, mean, std, val_batch)
+        else:
+            val_ds = pipeline.make_dataset(
+                val_dec, batch_size=val_batch, mean=mean, std=std, training=False, crop_size=crop,
+            )
     trainer = TRAINERS[cfg.method]
     with strategy.scope():
         model = build_for_training(trainer, cfg, int(train_ds.cardinality()))
@@ -217,6 +236,8 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
         keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
         nan_stop,
         LearningRateLogger(),
+        # Before the loggers below, so that what they add to the logs is written.
+        *_trainer_callbacks(trainer, cfg, train_df=train_df, mean=mean, std=std),
         *schedules.schedule_callbacks(cfg.train, monitor),
         keras.callbacks.ModelCheckpoint(
             str(run_dir / "model.keras"), monitor=monitor, mode="max", save_best_only=True,
@@ -242,24 +263,45 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
         f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
         f"precision {policy}"
     )
-    history = model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=cfg.train.epochs,
-        callbacks=callbacks,
-        shuffle=False,  # the dataset shuffles itself, seeded
-        verbose=verbose if cfg.train.progress else 2,
-    )
+    epochs_run = done = 0
+    for i, (stage_ds, epochs, lr) in enumerate(stages or [(train_ds, cfg.train.epochs, None)]):
+        stage_callbacks = callbacks
+        if i:
+            # A TensorBoard callback closes its writers at the end of a fit.
+            stage_callbacks = [
+                keras.callbacks.TensorBoard(cb.log_dir)
+                if type(cb) is keras.callbacks.TensorBoard else cb
+                for cb in callbacks
+            ]
+        if lr is not None:
+            # After BackupAndRestore (first), which restores the optimiser's rate.
+            stage_callbacks = [stage_callbacks[0], _SetLearningRate(lr), *stage_callbacks[1:]]
+        history = model.fit(
+            stage_ds,
+            validation_data=val_ds,
+            initial_epoch=done,
+            epochs=done + epochs,
+            callbacks=stage_callbacks,
+            shuffle=False,  # the dataset shuffles itself, seeded
+            verbose=verbose if cfg.train.progress else 2,
+        )
+        epochs_run += len(history.epoch)
+        done += epochs
+        if nan_stop.where:
+            break
     if nan_stop.where:
         epoch, batch = nan_stop.where
         raise TrainingError(
             f"{run_dir}: the loss became NaN at epoch {epoch}, batch {batch}; "
             "lower the learning rate (--lr) or check the data"
         )
-    epochs_run = len(history.epoch)
     if not (run_dir / "model.keras").exists():
         model.save(run_dir / "model.keras")
     best = keras.saving.load_model(run_dir / "model.keras")
+    if val_ds is not None and hasattr(trainer, "after_fit"):
+        # E.g. a threshold chosen on validation, stored with the run.
+        cfg, best = trainer.after_fit(cfg, best, val_ds, log)
+        cfg.save(run_dir / "config.toml")
     metrics = {}
     if val_ds is not None:
         metrics = {
@@ -272,6 +314,27 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
     )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return FitResult(run_dir, metrics, epochs_run, warnings)
+
+
+def _trainer_callbacks(trainer, cfg, **data):
+    """`trainer.callbacks(cfg)`, also given those of `train_df`/`mean`/`std` it takes."""
+    import inspect
+
+    if not hasattr(trainer, "callbacks"):
+        return []
+    params = inspect.signature(trainer.callbacks).parameters
+    return trainer.callbacks(cfg, **{k: v for k, v in data.items() if k in params})
+
+
+class _SetLearningRate(keras.callbacks.Callback):
+    """Sets the optimiser's rate when a training stage begins."""
+
+    def __init__(self, lr):
+        super().__init__()
+        self.lr = lr
+
+    def on_train_begin(self, logs=None):
+        self.model.optimizer.learning_rate.assign(self.lr)
 
 
 def _history_len(path):

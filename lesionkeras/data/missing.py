@@ -1,0 +1,370 @@
+"""Multi-structure data with missing annotations (SMILE, Petit, Thome et al. 2018).
+
+Every image has K structures (by default the lesion and the five ISIC 2018
+Task 2 attributes). For each image and structure the manifest holds the mask
+path (`mask` for `lesion`, `attr_<name>` otherwise) and a flag
+`annotated_<name>`: was this structure drawn by the annotator of this image?
+
+Annotated / not annotated, when the manifest has no `annotated_<name>` column
+(the ISIC 2018 Task 2 rule):
+
+* no mask file (empty path cell)  -> not annotated (unknown);
+* an empty mask file               -> annotated, and the structure is absent,
+  unless `empty_means_missing=True`, which makes it "not annotated".
+
+A non-annotated structure has an all-zero target, and its SMILE weight map
+(`smile_weights`) keeps only the pixels that are known negatives for it: the
+pixels annotated as positive for another annotated structure. Note that this
+assumes the structures exclude one another, as the organs of the paper do;
+structures that nest (attributes lie inside the lesion) make some of these
+"known negatives" wrong, so leave the lesion annotated (or out) when dropping
+attribute labels.
+
+`drop_annotations` implements the paper's protocol (remove the annotation of
+each structure from a fraction alpha of the images, independently per
+structure). Dropped annotations keep their path, so evaluation can use the
+full truth; only the flag changes, and `dropped_<name>` records it.
+
+Example:
+
+```python
+df = annotate(layout.build_manifest("ISIC2018/"), ("lesion", "globules"))
+df = drop_annotations(df, ("lesion", "globules"), alpha=0.5, seed=0)
+ds = make_dataset(decoded_dataset(df, ("lesion", "globules"), 64), batch_size=8,
+                  mean=(0, 0, 0), std=(1, 1, 1), training=True)
+image, masks, weights = next(iter(ds))  # (8, 64, 64, 3), (8, 64, 64, 2), (8, 64, 64, 2)
+```
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from lesionkeras.data import pipeline
+from lesionkeras.data.augment import Augmenter
+from lesionkeras.data.classes import ATTRIBUTES
+from lesionkeras.errors import ConfigError, DataError
+
+#: The default structures: the lesion, then the ISIC 2018 Task 2 attributes.
+DEFAULT_STRUCTURES = ("lesion",) + ATTRIBUTES
+_NAME = re.compile(r"[a-z0-9_]+")
+_TRUE = ("true", "1", "yes", "y", "t", "1.0")
+_FALSE = ("false", "0", "no", "n", "f", "0.0", "")
+
+
+def parse_structures(spec) -> tuple:
+    """Structure names from a comma-separated string (or a sequence).
+
+    Args:
+        spec: str or sequence of str. E.g. `"lesion,globules"`; empty means
+            `DEFAULT_STRUCTURES`.
+
+    Returns:
+        tuple of str.
+
+    Raises:
+        ConfigError: a name is malformed or repeated.
+    """
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    names = [n for n in names if n]
+    if not names:
+        return DEFAULT_STRUCTURES
+    for n in names:
+        if not _NAME.fullmatch(n):
+            raise ConfigError(
+                f"`smile.structures`: names are lower-case letters, digits and _. Received: {n!r}"
+            )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"`smile.structures`: a name is repeated. Received: {','.join(names)}")
+    return tuple(names)
+
+
+def mask_column(name: str) -> str:
+    """Manifest column holding the mask path of structure `name`."""
+    return "mask" if name == "lesion" else f"attr_{name}"
+
+
+def _parse_flag(value, where):
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)) and not pd.isna(value):
+        if value in (0, 1):
+            return bool(value)
+    text = "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
+    text = text.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise DataError(f"{where}: must be true or false, got {value!r}")
+
+
+def _is_empty_mask(path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return int(np.asarray(im.convert("L")).max()) < 128
+    except OSError as e:
+        raise DataError(f"{path}: cannot read mask ({e})") from None
+
+
+def annotate(df: pd.DataFrame, structures, *, empty_means_missing=False, source="data"):
+    """Adds the `annotated_<name>` flags of every structure (see the module rule).
+
+    Args:
+        df: manifest DataFrame.
+        structures: sequence of str. Structure names.
+        empty_means_missing: bool. An empty mask file means "not annotated".
+            Defaults to False.
+        source: str. Named in error messages.
+
+    Returns:
+        A copy of `df` with one bool column `annotated_<name>` per structure.
+
+    Raises:
+        DataError: a structure has no mask column, a flag is not a boolean, a
+            flagged structure has no mask file, or a mask file is missing.
+    """
+    df = df.copy()
+    for name in structures:
+        column = mask_column(name)
+        if column not in df:
+            raise DataError(
+                f"{source}: no `{column}` column for structure `{name}` "
+                "(Task 2 attribute masks or a manifest column are needed)"
+            )
+        paths = df[column].fillna("").astype(str).str.strip()
+        flag_col = f"annotated_{name}"
+        if flag_col in df:
+            flags = [
+                _parse_flag(v, f"{source}: row {df.at[i, 'id']}: `{flag_col}`")
+                for i, v in zip(df.index, df[flag_col])
+            ]
+        else:
+            flags = [p != "" for p in paths]
+        for i, (flag, path) in enumerate(zip(flags, paths)):
+            if flag and not path:
+                raise DataError(
+                    f"{source}: row {df['id'].iat[i]}: `{flag_col}` is true but `{column}` is empty"
+                )
+            if path and not os.path.exists(path):
+                raise DataError(f"{path}: {name} mask file not found")
+            if flag and empty_means_missing and flag_col not in df and _is_empty_mask(path):
+                flags[i] = False
+        df[flag_col] = np.asarray(flags, dtype=bool)
+    return df
+
+
+def drop_annotations(df: pd.DataFrame, structures, alpha: float, seed: int, rows=None):
+    """Removes the annotation of each structure from a fraction `alpha` of the images.
+
+    Independently per structure (the paper's protocol), `round(alpha * n_k)`
+    of the `n_k` images annotated for structure k (among `rows`) lose it. The
+    mask path is kept so that the full truth stays available for evaluation.
+
+    Args:
+        df: manifest with `annotated_<name>` columns (see `annotate`).
+        structures: sequence of str.
+        alpha: float in [0, 1]. Fraction of annotations removed per structure.
+        seed: int. Seed of the choice; structure k draws from `(seed, k)`, so
+            adding a structure does not change the choices of the others.
+        rows: boolean array or None. Rows that may lose annotations
+            (e.g. the training split); None = all rows.
+
+    Returns:
+        A copy of `df` with the flags cleared and bool `dropped_<name>` columns.
+
+    Raises:
+        ConfigError: `alpha` is outside [0, 1].
+    """
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ConfigError(f"`alpha` must be in [0, 1]. Received: {alpha}")
+    df = df.copy()
+    allowed = np.ones(len(df), bool) if rows is None else np.asarray(rows, bool)
+    for k, name in enumerate(structures):
+        flags = df[f"annotated_{name}"].to_numpy(bool).copy()
+        candidates = np.flatnonzero(flags & allowed)
+        count = int(round(alpha * len(candidates)))
+        rng = np.random.default_rng([int(seed), k])
+        chosen = rng.choice(candidates, size=count, replace=False) if count else []
+        dropped = np.zeros(len(df), bool)
+        dropped[chosen] = True
+        flags[dropped] = False
+        df[f"annotated_{name}"] = flags
+        previous = df[f"dropped_{name}"].to_numpy(bool) if f"dropped_{name}" in df else False
+        df[f"dropped_{name}"] = dropped | previous
+    return df
+
+
+def flags_array(df, structures) -> np.ndarray:
+    """(N, K) float32 annotated flags."""
+    return np.stack(
+        [df[f"annotated_{s}"].to_numpy(bool) for s in structures], axis=1
+    ).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- #
+# Weight maps and tf.data
+# --------------------------------------------------------------------------- #
+
+
+def smile_weights(masks, flags):
+    """SMILE binary weight maps w_k, vectorised over the batch and structures.
+
+    w_k = 1 on every pixel if structure k is annotated in the image; otherwise
+    w_k = 1 only on the pixels annotated positive for another annotated
+    structure (known negatives for k), 0 elsewhere (unknown, ignored).
+
+    Args:
+        masks: float `(..., H, W, K)` targets in {0, 1}.
+        flags: float or bool `(..., K)`: 1 where the structure is annotated.
+
+    Returns:
+        float32 `(..., H, W, K)` weights in {0, 1}.
+    """
+    masks = tf.cast(masks, tf.float32)
+    flags = tf.cast(flags, tf.float32)[..., None, None, :]
+    known_pos = masks * flags
+    # Annotated positives of the other structures: all of them minus our own.
+    others = tf.reduce_sum(known_pos, axis=-1, keepdims=True) - known_pos
+    return tf.maximum(flags, tf.cast(others > 0, tf.float32)) * tf.ones_like(masks)
+
+
+def decoded_dataset(df: pd.DataFrame, structures, image_size: int, cache: bool = True):
+    """(image uint8 (S,S,3), masks uint8 (S,S,K), flags float32 (K,)) per row.
+
+    The masks of non-annotated structures are all zero (their truth, if any,
+    is not used for training); a missing file decodes as zeros.
+    """
+    structures = tuple(structures)
+    paths = np.stack(
+        [df[mask_column(s)].fillna("").astype(str).to_numpy() for s in structures], axis=1
+    )
+    flags = flags_array(df, structures)
+    ds = tf.data.Dataset.from_tensor_slices((df["image"].astype(str).tolist(), paths, flags))
+
+    def one_mask(path):
+        def read():
+            m = pipeline.decode_mask(path)
+            m = tf.image.resize(m, (image_size, image_size), method="bilinear", antialias=True)
+            return tf.cast(m >= 0.5, tf.uint8)
+
+        return tf.cond(
+            tf.equal(path, ""), lambda: tf.zeros((image_size, image_size, 1), tf.uint8), read
+        )
+
+    def load(image_path, mask_paths, f):
+        img = pipeline.decode_image(image_path)
+        img = tf.image.resize(img, (image_size, image_size), method="bilinear", antialias=True)
+        img = tf.cast(tf.round(tf.clip_by_value(img, 0, 255)), tf.uint8)
+        masks = tf.concat([one_mask(mask_paths[k]) for k in range(len(structures))], axis=-1)
+        masks = masks * tf.cast(f > 0, tf.uint8)
+        return img, masks, f
+
+    ds = ds.map(load, num_parallel_calls=pipeline.AUTOTUNE, deterministic=True)
+    return ds.cache() if cache else ds
+
+
+def make_dataset(
+    decoded, *, batch_size, mean, std, training, augment=None, crop_size=0, seed=0,
+    with_weights=True,
+):
+    """Batched `(image, masks, weights)` for `fit`/`evaluate` (weights = SMILE maps).
+
+    Args:
+        decoded: dataset from `decoded_dataset`.
+        batch_size: int.
+        mean, std: per-channel statistics on the 0-255 scale.
+        training: bool. Shuffle, random crop, augmentation.
+        augment: `AugmentConfig` or None.
+        crop_size: int. Random (training) or centre crop side; 0 = off.
+        seed: int. Seed of shuffling, cropping and augmentation.
+        with_weights: bool. SMILE weight maps as the third element; if False,
+            all-ones maps (the naive baseline: missing = background).
+    """
+    norm = pipeline.normalizer(mean, std)
+    ds = decoded
+    n = int(decoded.cardinality())
+    if training:
+        ds = ds.shuffle(max(n, 1), seed=seed, reshuffle_each_iteration=True)
+    if crop_size:
+        if training:
+            ds = ds.map(lambda i, m, f: (*_random_crop(i, m, crop_size, seed), f))
+        else:
+            ds = ds.map(lambda i, m, f: (*_centre_crop(i, m, crop_size), f))
+    ds = ds.batch(batch_size, drop_remainder=training and n >= batch_size)
+    ds = ds.map(lambda i, m, f: (tf.cast(i, tf.float32), tf.cast(m, tf.float32), f))
+    if training and augment is not None:
+        aug = Augmenter(augment, seed=seed)
+        if aug.active:
+            ds = ds.map(lambda i, m, f: (*aug(i, m), f))
+
+    def finish(i, m, f):
+        w = smile_weights(m, f) if with_weights else tf.ones_like(m)
+        return norm(i), m, w
+
+    ds = ds.map(finish, num_parallel_calls=pipeline.AUTOTUNE)
+    return ds.prefetch(pipeline.AUTOTUNE)
+
+
+def _random_crop(image, masks, size, seed):
+    both = tf.concat([image, masks], axis=-1)
+    channels = tf.shape(both)[-1]
+    both = tf.image.random_crop(both, tf.stack([size, size, channels]), seed=seed)
+    return both[..., :3], both[..., 3:]
+
+
+def _centre_crop(image, masks, size):
+    off = (tf.shape(image)[0] - size) // 2
+    return image[off : off + size, off : off + size], masks[off : off + size, off : off + size]
+
+
+# --------------------------------------------------------------------------- #
+# drop-labels
+# --------------------------------------------------------------------------- #
+
+
+def write_dropped(source, out_dir, *, alpha, seed, structures=DEFAULT_STRUCTURES,
+                  empty_means_missing=False):
+    """`data drop-labels`: writes `manifest.csv` and `dropped.csv` into `out_dir`.
+
+    The images and masks are not copied: the manifest points at the input
+    files, with `annotated_<name>` false where an annotation was removed
+    (and `dropped_<name>` true), so training sees the reduced labels and
+    evaluation can still read the full truth. `dropped.csv` lists
+    `id,structure` of every removed annotation.
+
+    Args:
+        source: str. Dataset folder or manifest CSV.
+        out_dir: str. Must not exist or be empty.
+        alpha: float in [0, 1].
+        seed: int.
+        structures: sequence of str.
+        empty_means_missing: bool. See `annotate`.
+
+    Returns:
+        The written manifest DataFrame.
+    """
+    from pathlib import Path
+
+    from lesionkeras.data import layout
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out_dir}: output folder exists and is not empty")
+    df = layout.build_manifest(source)
+    df = annotate(df, structures, empty_means_missing=empty_means_missing, source=str(source))
+    df = drop_annotations(df, structures, alpha, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    layout.write_manifest(df, out / "manifest.csv")
+    rows = [
+        (i, s) for s in structures for i in df.loc[df[f"dropped_{s}"], "id"]
+    ]
+    pd.DataFrame(rows, columns=["id", "structure"]).to_csv(out / "dropped.csv", index=False)
+    return df

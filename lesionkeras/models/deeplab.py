@@ -1,0 +1,242 @@
+"""ResNet-DeepLabV3+ with K sigmoid heads and an MC-dropout layer (SMILE's network).
+
+The encoder is the keras-hub `ResNetBackbone` wrapped as a pyramid-feature
+model (`resnet_unet.make_encoder`, never downloaded). On its stride-32 output
+an atrous spatial pyramid pooling (ASPP) block (Chen et al. 2017) runs
+parallel 1x1 and dilated 3x3 convolutions plus image pooling; the DeepLabV3+
+decoder (Chen et al. 2018) up-samples it to stride 4, concatenates the
+projected stride-4 features, refines with two 3x3 convolutions, and a 1x1
+convolution gives K logits, one independent binary classifier per structure
+(Petit, Thome et al. 2018), bilinearly up-sampled to the input size.
+
+An `MCDropout` layer sits before the head: ordinary dropout while training,
+and at inference only when switched on (`mc_dropout_predict`), for
+Monte-Carlo uncertainty (Gal & Ghahramani 2016).
+"""
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+from lesionkeras.models.blocks import apply_conv_block
+from lesionkeras.models.registry import register
+from lesionkeras.models.resnet_unet import ENCODERS, SIZE_MULTIPLE, load_backbone, make_encoder
+
+_PACKAGE = "lesionkeras"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class MCDropout(layers.Layer):
+    """Dropout that can stay on at inference (Monte-Carlo dropout).
+
+    Active when `training=True`, or when its non-trainable `enabled`
+    variable is 1 (set by `mc_dropout_predict`); the identity otherwise. A
+    variable rather than a Python flag, so compiled predict functions see it.
+
+    Args:
+        rate: float in [0, 1). Fraction of units dropped.
+        seed: int or None. Seed of the dropout masks. Defaults to None.
+
+    Example:
+        x = MCDropout(0.3, seed=0)(features)
+    """
+
+    def __init__(self, rate, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= float(rate) < 1.0:
+            raise ValueError(f"`rate` must be in [0, 1). Received: rate={rate}")
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.enabled = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="enabled", dtype="float32"
+        )
+
+    def call(self, inputs, training=None):
+        if not self.rate:
+            return inputs
+        if training:
+            return keras.random.dropout(inputs, self.rate, seed=self.seed_generator)
+        dropped = keras.random.dropout(inputs, self.rate, seed=self.seed_generator)
+        on = ops.cast(self.enabled > 0.5, inputs.dtype)
+        return on * dropped + (1 - on) * inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ResizeLike(layers.Layer):
+    """Bilinearly resizes its first input to the spatial size of the second.
+
+    Lets the image-pooling branch of ASPP and the decoder work on inputs of
+    any (multiple-of-32) size.
+    """
+
+    def call(self, inputs):
+        x, ref = inputs
+        size = ops.shape(ref)[1:3]
+        import tensorflow as tf
+
+        return ops.cast(tf.image.resize(x, size, method="bilinear"), x.dtype)
+
+    def compute_output_shape(self, input_shapes):
+        x, ref = input_shapes
+        return (x[0], ref[1], ref[2], x[3])
+
+
+def apply_aspp_block(x, filters, rates, *, name="aspp"):
+    """ASPP: 1x1 conv, dilated 3x3 convs at `rates`, image pooling; concat; 1x1 conv."""
+
+    def conv_bn(y, kernel, rate, suffix):
+        y = layers.Conv2D(filters, kernel, padding="same", dilation_rate=rate, use_bias=False,
+                          name=f"{name}_{suffix}_conv")(y)
+        y = layers.BatchNormalization(name=f"{name}_{suffix}_bn")(y)
+        return layers.Activation("relu", name=f"{name}_{suffix}_relu")(y)
+
+    branches = [conv_bn(x, 1, 1, "1x1")]
+    branches += [conv_bn(x, 3, r, f"rate{r}") for r in rates]
+    pooled = layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_pool")(x)
+    pooled = layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_pool_conv")(pooled)
+    pooled = layers.Activation("relu", name=f"{name}_pool_relu")(pooled)
+    branches.append(ResizeLike(name=f"{name}_pool_resize")([pooled, x]))
+    y = layers.Concatenate(name=f"{name}_concat")(branches)
+    return conv_bn(y, 1, 1, "project")
+
+
+def build_resnet_deeplab(
+    input_shape=(None, None, 3),
+    out_channels=1,
+    encoder="resnet18",
+    encoder_weights=None,
+    filters=64,
+    rates=(6, 12, 18),
+    dropout=0.1,
+    seed=None,
+    name=None,
+):
+    """Builds a ResNet-DeepLabV3+ returning K logits (apply a sigmoid per channel).
+
+    References: Chen et al., "Encoder-Decoder with Atrous Separable
+    Convolution" (DeepLabV3+), ECCV 2018; Petit, Thome et al., SMILE, 2018.
+
+    Args:
+        input_shape: tuple. (H, W, C); H and W multiples of 32, or None.
+            Defaults to (None, None, 3).
+        out_channels: int. K, the number of structures. Defaults to 1.
+        encoder: str. `"resnet18"`, `"resnet34"` or `"resnet50"`. Defaults to `"resnet18"`.
+        encoder_weights: str. Local `.weights.h5` or keras-hub preset folder;
+            None or "" for random weights (nothing is downloaded). Defaults to None.
+        filters: int. Width of ASPP and decoder (the paper's DeepLab: 256).
+            Defaults to 64.
+        rates: tuple of int. ASPP dilation rates. Defaults to (6, 12, 18).
+        dropout: float. Rate of the MC-dropout layer before the head. Defaults to 0.1.
+        seed: int or None. Seed of the dropout masks. Defaults to None.
+        name: str. Model name. Defaults to `f"{encoder}_deeplab"`.
+
+    Returns:
+        A functional `keras.Model` mapping (B, H, W, C) to (B, H, W, K) float32 logits.
+
+    Example:
+
+    >>> model = build_resnet_deeplab((64, 64, 3), out_channels=6, filters=16)
+    >>> model.output_shape
+    (None, 64, 64, 6)
+    """
+    if encoder not in ENCODERS:
+        raise ValueError(
+            f"`encoder` must be one of {tuple(ENCODERS)}. Received: encoder={encoder!r}"
+        )
+    if filters < 1 or out_channels < 1:
+        raise ValueError(
+            "`filters` and `out_channels` must be >= 1. Received: "
+            f"filters={filters}, out_channels={out_channels}"
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
+    for side in input_shape[:2]:
+        if side is not None and side % SIZE_MULTIPLE:
+            raise ValueError(
+                f"Input sides must be multiples of {SIZE_MULTIPLE}. "
+                f"Received: input_shape={tuple(input_shape)}"
+            )
+    name = name or f"{encoder}_deeplab"
+    enc = make_encoder(load_backbone(encoder, input_shape, encoder_weights))
+    inputs = keras.Input(shape=input_shape, name="image")
+    features = enc(inputs)
+    x = apply_aspp_block(features["P5"], filters, tuple(rates))
+    low = layers.Conv2D(max(filters // 4, 8), 1, use_bias=False, name="low_proj_conv")(features["P2"])
+    low = layers.BatchNormalization(name="low_proj_bn")(low)
+    low = layers.Activation("relu", name="low_proj_relu")(low)
+    x = layers.UpSampling2D(8, interpolation="bilinear", name="decoder_up")(x)
+    x = layers.Concatenate(name="decoder_concat")([x, low])
+    x = apply_conv_block(x, filters, batch_norm=True, name="decoder")
+    x = MCDropout(dropout, seed=seed, name="mc_dropout")(x)
+    x = layers.Conv2D(out_channels, 1, dtype="float32", name="head_logits")(x)
+    outputs = layers.UpSampling2D(4, interpolation="bilinear", dtype="float32", name="logits")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _variant(encoder):
+    def build(
+        input_shape=(None, None, 3), out_channels=1, encoder_weights=None, filters=64,
+        dropout=0.1, name=None,
+    ):
+        return build_resnet_deeplab(
+            input_shape=input_shape, out_channels=out_channels, encoder=encoder,
+            encoder_weights=encoder_weights, filters=filters, dropout=dropout, name=name,
+        )
+
+    build.__name__ = f"build_{encoder}_deeplab"
+    build.__doc__ = f"`build_resnet_deeplab(encoder={encoder!r}, ...)`; see `build_resnet_deeplab`."
+    return build
+
+
+build_resnet18_deeplab = register("resnet18_deeplab")(_variant("resnet18"))
+build_resnet34_deeplab = register("resnet34_deeplab")(_variant("resnet34"))
+build_resnet50_deeplab = register("resnet50_deeplab")(_variant("resnet50"))
+
+
+def mc_dropout_layers(model):
+    """Every `MCDropout` layer of `model` (nested models included)."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, MCDropout):
+            found.append(layer)
+        elif isinstance(layer, keras.Model):
+            found.extend(mc_dropout_layers(layer))
+    return found
+
+
+def mc_dropout_predict(model, images, samples=10, batch_size=8):
+    """Mean and standard deviation of the sigmoid outputs over `samples` dropout draws.
+
+    Args:
+        model: a model with `MCDropout` layers.
+        images: float32 (B, H, W, C) normalised inputs.
+        samples: int >= 1. Monte-Carlo samples.
+        batch_size: int. Batch size of each prediction.
+
+    Returns:
+        (mean, std), float32 numpy arrays of the model's output shape. The std
+        is 0 when the model has no active dropout.
+    """
+    if samples < 1:
+        raise ValueError(f"`samples` must be >= 1. Received: samples={samples}")
+    mc = mc_dropout_layers(model)
+    for layer in mc:
+        layer.enabled.assign(1.0)
+    try:
+        draws = [
+            1.0 / (1.0 + np.exp(-np.asarray(model.predict(images, batch_size=batch_size, verbose=0),
+                                            dtype=np.float32)))
+            for _ in range(samples)
+        ]
+    finally:
+        for layer in mc:
+            layer.enabled.assign(0.0)
+    stack = np.stack(draws)
+    return stack.mean(axis=0), stack.std(axis=0)

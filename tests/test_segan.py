@@ -1,0 +1,345 @@
+"""SegAN (Xue, Xu, Huang, ISBI 2018): segmentor, critic, multi-scale L1, k annealing, trainer."""
+
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+from lesionkeras import config as config_lib
+from lesionkeras import losses
+from lesionkeras.callbacks import AnnealLogisticK, logistic_k
+from lesionkeras.cli import main
+from lesionkeras.models import registry
+from lesionkeras.models.blocks import apply_global_conv
+from lesionkeras.models.critic import build_critic
+from lesionkeras.models.segan import AdaptiveLogistic, build_segan, decoder_kernels, encoder_kernels
+from lesionkeras.trainers.segan import SegANTrainer
+
+
+def kernel_shapes(model, prefix):
+    return sorted(
+        tuple(l.kernel.shape[:2]) for l in model.layers
+        if l.name.startswith(prefix) and isinstance(l, keras.layers.Conv2D)
+    )
+
+
+# ---------------------------------------------------------------------- models
+
+
+# depth 2 by hand: down0 7x7 conv+bias 592, residual (bias, no BN) 188; down1 5x5 800 + BN 32,
+# residual 800; up1 two-way 9-conv 864 + BN 16, residual 224; up0 7x7 1568 + BN 16,
+# residual 224; logits 5; k 1: 5,330.
+@pytest.mark.parametrize("depth, size, params", [(2, 32, 5_330), (3, 64, 16_082)])
+def test_segmentor_shapes_and_parameter_counts(depth, size, params):
+    model = registry.build("segan", input_shape=(None, None, 3), depth=depth, filters=4)
+    out = model(np.zeros((2, size, size, 3), "float32"))
+    assert out.shape == (2, size, size, 1) and out.dtype == "float32"
+    assert model.count_params() == params
+
+
+def test_segmentor_follows_the_paper():
+    assert encoder_kernels(3) == (7, 5, 4) and decoder_kernels(3) == (11, 9, 7)
+    assert encoder_kernels(4) == (7, 5, 4, 4) and decoder_kernels(4) == (11, 11, 9, 7)
+    model = build_segan((32, 32, 3), depth=3, filters=4)
+    # Stride-2 convolutions 7, 5, 4 down; 11 and 9 as two-way global convolutions up, 7 plain.
+    assert kernel_shapes(model, "down0_conv") == [(7, 7)]
+    assert kernel_shapes(model, "down2_conv") == [(4, 4)]
+    assert kernel_shapes(model, "up2_conv") == [(1, 11), (1, 11), (11, 1), (11, 1)]
+    assert kernel_shapes(model, "up1_conv") == [(1, 9), (1, 9), (9, 1), (9, 1)]
+    assert kernel_shapes(model, "up0_conv") == [(7, 7)]
+    names = [l.name for l in model.layers]
+    assert not any(n.startswith("down0") and "bn" in n for n in names)
+    assert any(n.startswith("down1") and "bn" in n for n in names)
+    assert any(isinstance(l, keras.layers.LeakyReLU) for l in model.layers)
+    assert any(l.name.startswith("down1_res_conv") for l in model.layers)
+    assert isinstance(model.layers[-1], AdaptiveLogistic)
+    with pytest.raises(ValueError, match="divisible"):
+        build_segan((36, 36, 3), depth=3)
+
+
+def test_global_conv_is_two_way_k_by_1_plus_1_by_k():
+    inputs = keras.Input((16, 16, 3))
+    model = keras.Model(inputs, apply_global_conv(inputs, 5, 9, name="g"))
+    assert kernel_shapes(model, "g_l") == [(1, 9), (9, 1)]
+    assert kernel_shapes(model, "g_r") == [(1, 9), (9, 1)]
+    # Two branches of (9 x 1 x 3 x 5) + (1 x 9 x 5 x 5), no bias.
+    assert model.count_params() == 2 * (9 * 3 * 5 + 9 * 5 * 5)
+    assert model(np.zeros((1, 16, 16, 3), "float32")).shape == (1, 16, 16, 5)
+
+
+def test_critic_returns_the_input_and_every_block():
+    critic = build_critic((32, 32, 3), filters=4, max_filters=16)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+    feats = critic(x)
+    assert [tuple(f.shape) for f in feats] == [
+        (2, 32, 32, 3), (2, 16, 16, 4), (2, 8, 8, 8), (2, 4, 4, 16), (2, 2, 2, 16), (2, 1, 1, 16)
+    ]
+    np.testing.assert_array_equal(feats[0], x)
+    assert kernel_shapes(critic, "block0_gcn") == [(1, 9), (1, 9), (9, 1), (9, 1)]
+    assert not any(l.name.startswith("block0") and "bn" in l.name for l in critic.layers)
+    # By hand: block0 (no BN, biases) 512 + 148; block1 1,728 + 32 + 576 + 32;
+    # block2 6,912 + 64 + 2,304 + 64; blocks 3-4 9,216 + 64 + 2,304 + 64 each.
+    assert critic.count_params() == 35_668
+
+
+def test_adaptive_logistic_is_saved_with_the_model(tmp_path):
+    model = build_segan((32, 32, 3), depth=2, filters=4)
+    layer = model.get_layer("adaptive_logistic")
+    assert [w.name for w in layer.non_trainable_weights] == ["k"] and not layer.trainable_weights
+    x = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype("float32")
+    z = model.get_layer("logits").output
+    z = keras.Model(model.input, z)(x)
+    layer.k.assign(0.5)
+    # The model returns z / k: sigmoid(output) = f(z) = 1 / (1 + exp(-z / k)).
+    np.testing.assert_allclose(model(x), z / 0.5, rtol=1e-6)
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras")
+    assert float(again.get_layer("adaptive_logistic").k) == 0.5
+    np.testing.assert_allclose(again(x), model(x), atol=1e-6)
+
+
+# ---------------------------------------------------------------------- loss
+
+
+def _maps(*arrays):
+    return [np.asarray(a, "float32") for a in arrays]
+
+
+@pytest.mark.parametrize(
+    "a, b, expected",
+    [
+        # One 2x2 map: mean |a - b| = (1 + 0 + 2 + 1) / 4.
+        (_maps([[[[1], [0]], [[2], [1]]]]), _maps([[[[0], [0]], [[0], [0]]]]), [1.0]),
+        # Two scales: mean of the per-map means, (1 + 3) / 2.
+        (_maps(np.ones((1, 2, 2, 1)), np.zeros((1, 1, 1, 2))),
+         _maps(np.zeros((1, 2, 2, 1)), np.full((1, 1, 1, 2), 3.0)), [2.0]),
+        # Per image: the second image is identical in both.
+        (_maps(np.stack([np.ones((2, 2, 1)), np.zeros((2, 2, 1))])),
+         _maps(np.zeros((2, 2, 2, 1))), [1.0, 0.0]),
+    ],
+)
+def test_multiscale_l1_golden(a, b, expected):
+    np.testing.assert_allclose(losses.multiscale_l1(a, b), expected, rtol=1e-6)
+
+
+def test_multiscale_l1_and_masking_reject_bad_input():
+    with pytest.raises(ValueError, match="equally long"):
+        losses.multiscale_l1(_maps(np.zeros((1, 2, 2, 1))), [])
+    with pytest.raises(ValueError, match="feature map 0 shapes differ"):
+        losses.multiscale_l1(_maps(np.zeros((1, 2, 2, 1))), _maps(np.zeros((1, 2, 2, 2))))
+    with pytest.raises(ValueError, match="same"):
+        losses.mask_image(np.zeros((1, 4, 4, 3)), np.zeros((1, 2, 2, 1)))
+
+
+def test_mask_image_multiplies_every_channel():
+    x = np.arange(1, 13, dtype="float32").reshape(1, 2, 2, 3)
+    m = np.array([1, 0, 0, 1], "float32").reshape(1, 2, 2, 1)
+    out = np.asarray(losses.mask_image(x, m))
+    np.testing.assert_array_equal(out[0, 0, 0], [1, 2, 3])
+    np.testing.assert_array_equal(out[0, 0, 1], [0, 0, 0])
+    two = np.asarray(losses.mask_image(x, np.concatenate([m, 1 - m], -1)))
+    assert two.shape == (1, 2, 2, 6)
+    np.testing.assert_array_equal(two[0, 0, 1], [0, 0, 0, 4, 5, 6])
+
+
+# ---------------------------------------------------------------------- k annealing
+
+
+@pytest.mark.parametrize(
+    "epoch, k", [(0, 1.0), (24, 1.0), (25, 0.9), (49, 0.9), (50, 0.81), (275, 0.9**11), (300, 0.3), (1000, 0.3)]
+)
+def test_logistic_k_schedule(epoch, k):
+    assert logistic_k(epoch) == pytest.approx(k)
+
+
+def test_anneal_callback_sets_k_of_the_wrapped_segmentor():
+    trainer = _trainer()
+    cb = AnnealLogisticK(decay=0.5, every=1, floor=0.2)
+    cb.set_model(trainer)
+    logs = {}
+    for epoch in range(4):
+        cb.on_epoch_begin(epoch)
+        cb.on_epoch_end(epoch, logs)
+    assert float(trainer.segmentor.get_layer("adaptive_logistic").k) == pytest.approx(0.2)
+    assert logs["logistic_k"] == pytest.approx(0.2)
+
+
+# ---------------------------------------------------------------------- trainer
+
+
+def _batch(seed=0, n=2, size=32):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, size, size, 3)).astype("float32")
+    yy, xx = np.mgrid[:size, :size]
+    y = np.stack([((yy - size / 2) ** 2 + (xx - size / 2 - 4 * i) ** 2 < (size / 4) ** 2)
+                  for i in range(n)])[..., None].astype("float32")
+    return x, y
+
+
+def _trainer(clip=0.05, seg_lr=1e-3, critic_lr=1e-3, **kwargs):
+    keras.utils.set_random_seed(0)
+    seg = build_segan((32, 32, 3), depth=2, filters=4)
+    critic = build_critic((32, 32, 3), filters=4, max_filters=16)
+    model = SegANTrainer(seg, critic, clip=clip, **kwargs)
+    model.compile(
+        seg_optimizer=keras.optimizers.Adam(seg_lr),
+        critic_optimizer=keras.optimizers.Adam(critic_lr),
+    )
+    return model
+
+
+def _loss(model, x, y):
+    logits = model.segmentor(x, training=True)
+    return float(model.multiscale_loss(x, tf.sigmoid(logits), y, training=True))
+
+
+def test_clamping_holds_after_a_step():
+    model = _trainer(clip=0.05)
+    x, y = _batch()
+    assert max(float(np.abs(v).max()) for v in model.critic.trainable_variables) > 0.05
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert max(float(np.abs(v).max()) for v in model.critic.trainable_variables) <= np.float32(0.05)
+    for key in ("loss", "critic_loss", "adversarial_loss", "dice", "jaccard"):
+        assert np.isfinite(logs[key]), key
+
+
+def test_critic_step_increases_the_loss():
+    model = _trainer(clip=100.0, critic_lr=1e-2)
+    x, y = _batch()
+    probs = tf.sigmoid(model.segmentor(x, training=False))
+    before = float(model.multiscale_loss(x, probs, y, training=True))
+    seg_before = [v.numpy() for v in model.segmentor.weights]
+    for _ in range(3):
+        tf.function(model.critic_step)(x, probs, y)
+    assert float(model.multiscale_loss(x, probs, y, training=True)) > before
+    for a, b in zip(seg_before, model.segmentor.weights):
+        np.testing.assert_array_equal(a, b)  # the segmentor is fixed
+
+
+def test_segmentor_step_decreases_the_loss():
+    # A critic that does not move (learning rate 0, no clamping effect):
+    # only the segmentor step acts.
+    model = _trainer(clip=100.0, critic_lr=0.0, seg_lr=1e-2)
+    x, y = _batch()
+    critic_before = [v.numpy() for v in model.critic.trainable_variables]
+    before = _loss(model, x, y)
+    for _ in range(3):
+        model.train_on_batch(x, y)
+    assert _loss(model, x, y) < before
+    for a, b in zip(critic_before, model.critic.trainable_variables):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_supervised_term_and_warmup_switch():
+    model = _trainer(supervised_loss="bce+dice", supervised_weight=0.5)
+    x, y = _batch()
+    model.adversarial_weight.assign(0.0)
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert logs["loss"] == pytest.approx(0.5 * logs["supervised_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="two objects"):
+        opt = keras.optimizers.Adam()
+        model.compile(seg_optimizer=opt, critic_optimizer=opt)
+
+
+def test_save_writes_the_segmentor_alone(tmp_path):
+    model = _trainer()
+    x, y = _batch()
+    model.train_on_batch(x, y)
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras")  # no custom_objects
+    assert again.name == "segan" and not isinstance(again, SegANTrainer)
+    np.testing.assert_allclose(again(x), model.segmentor(x), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_trainer_under_mirrored_strategy_on_two_logical_cpus():
+    # ReductionToOneDevice: no collective ops, whose instance keys would clash
+    # with those of the other MirroredStrategy objects of the test session.
+    strategy = tf.distribute.MirroredStrategy(
+        [d.name for d in tf.config.list_logical_devices("CPU")[:2]],
+        cross_device_ops=tf.distribute.ReductionToOneDevice(),
+    )
+    x, y = _batch(n=4)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4).repeat(2)
+    with strategy.scope():
+        # Both optimisers are built here, in compile (keras-team/keras#20164).
+        model = _trainer(clip=0.05)
+        assert model.seg_optimizer.built and model.critic_optimizer.built
+    hist = model.fit(ds, validation_data=ds.take(1), epochs=1, verbose=0,
+                     callbacks=[AnnealLogisticK()])
+    for key in ("loss", "critic_loss", "adversarial_loss", "dice", "val_dice", "val_loss"):
+        assert np.isfinite(hist.history[key]).all(), key
+    assert max(float(np.abs(v).max()) for v in model.critic.trainable_variables) <= np.float32(0.05)
+    # Trainable weights stay in sync (batch-norm statistics are per replica, as in Keras).
+    for v in model.segmentor.trainable_weights + model.critic.trainable_weights:
+        copies = [c.numpy() for c in strategy.experimental_local_results(v.value)]
+        np.testing.assert_allclose(copies[0], copies[1], atol=1e-6, err_msg=v.path)
+
+
+TINY = ["--method", "segan", "--model", "segan", "--batch-size", "2", "--image-size", "32",
+        "--filters", "4", "--depth", "2", "--limit", "8", "--epochs", "2", "--no-progress"]
+
+
+def test_cli_fit_segan_writes_the_segmentor(tmp_path):
+    run = tmp_path / "run"
+    res = CliRunner().invoke(main, ["fit", *TINY, "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    hist = pd.read_csv(run / "history.csv")
+    for key in ("loss", "critic_loss", "adversarial_loss", "dice", "val_dice", "logistic_k"):
+        assert key in hist and np.isfinite(hist[key]).all(), key
+    model = keras.saving.load_model(run / "model.keras")
+    assert model.name == "segan" and model.get_layer("adaptive_logistic") is not None
+    assert "dice" in json.loads((run / "metrics.json").read_text())
+    threshold = config_lib.load_config(run / "config.toml").train.threshold
+    assert threshold in [round(0.05 * i, 2) for i in range(1, 20)]
+    assert "threshold search on validation" in res.output
+
+
+def test_cli_segan_bad_settings_exit_2(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('method = "segan"\n[segan]\nwarmup_epochs = 2\n')
+    res = CliRunner().invoke(main, ["fit", "--config", str(cfg), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "segan.supervised_loss" in res.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_isbi2018_config_builds_the_papers_networks():
+    from lesionkeras import config as config_lib
+    from lesionkeras.trainers import segan
+
+    cfg = config_lib.load_config(
+        "configs/segan_isbi2018.toml", {"model.filters": 4, "segan.critic_filters": 4}
+    )
+    assert (cfg.method, cfg.model.name, cfg.data.crop_size, cfg.train.threshold) == (
+        "segan", "segan", 128, 0.4
+    )
+    model = segan.build(cfg, steps_per_epoch=2)
+    assert model.clip == 0.05 and len(model.critic.outputs) == 6
+    assert kernel_shapes(model.segmentor, "down0_conv") == [(7, 7)]
+
+
+class _Fixed:
+    """A 'model' whose logits are given: predict_on_batch returns them."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def predict_on_batch(self, x):
+        return self.logits[x]
+
+
+def test_threshold_search_golden():
+    from lesionkeras.trainers.segan import search_threshold
+
+    # One image, 4 pixels, truth [1, 1, 0, 0], probabilities [0.9, 0.35, 0.3, 0.1]:
+    # t <= 0.3 predicts 3 pixels (J = 2/3), 0.3 < t <= 0.35 gives J = 1, above: J = 1/2.
+    p = np.array([0.9, 0.35, 0.3, 0.1])
+    logits = np.log(p / (1 - p)).reshape(1, 2, 2, 1)
+    y = np.array([1, 1, 0, 0], "float32").reshape(1, 2, 2, 1)
+    best, scores = search_threshold(_Fixed(logits), [(slice(None), y)], grid=(0.2, 0.35, 0.6))
+    assert best == 0.35
+    assert scores == pytest.approx({0.2: 2 / 3, 0.35: 1.0, 0.6: 0.5})
