@@ -114,3 +114,32 @@ def apply_global_conv(x, filters, kernel_size, *, use_bias=False, name="gcn"):
     left = conv(conv(x, (k, 1), "l1", False), (1, k), "l2", use_bias)
     right = conv(conv(x, (1, k), "r1", False), (k, 1), "r2", use_bias)
     return layers.Add(name=f"{name}_sum")([left, right])
+
+
+def check_builder_args(input_shape, multiple, dropout=0.0, **counts):
+    """Validates the arguments every segmentation builder shares.
+
+    Args:
+        input_shape: tuple. (H, W, C); known sides must be multiples of `multiple`.
+        multiple: int. Total down-sampling factor of the network.
+        dropout: float. Must lie in [0, 1).
+        **counts: ints that must be >= 1 (`filters`, `depth`, `out_channels`, ...).
+
+    Raises:
+        ValueError: naming the received values.
+    """
+    bad = {k: v for k, v in counts.items() if v < 1}
+    if bad:
+        received = ", ".join(f"{k}={v}" for k, v in counts.items())
+        raise ValueError(
+            f"`{'`, `'.join(counts)}` must be >= 1. Received: {received}"
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
+    for side in input_shape[:2]:
+        if side is not None and side % multiple:
+            raise ValueError(
+                f"Input sides must be multiples of {multiple} (divisible by the "
+                "network's total down-sampling). "
+                f"Received: input_shape={tuple(input_shape)}"
+            )

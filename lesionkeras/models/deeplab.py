@@ -18,7 +18,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from lesionkeras.models.blocks import apply_conv_block
+from lesionkeras.models.blocks import apply_conv_block, check_builder_args
 from lesionkeras.models.registry import register
 from lesionkeras.models.resnet_unet import ENCODERS, SIZE_MULTIPLE, load_backbone, make_encoder
 
@@ -150,19 +150,7 @@ def build_resnet_deeplab(
         raise ValueError(
             f"`encoder` must be one of {tuple(ENCODERS)}. Received: encoder={encoder!r}"
         )
-    if filters < 1 or out_channels < 1:
-        raise ValueError(
-            "`filters` and `out_channels` must be >= 1. Received: "
-            f"filters={filters}, out_channels={out_channels}"
-        )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
-    for side in input_shape[:2]:
-        if side is not None and side % SIZE_MULTIPLE:
-            raise ValueError(
-                f"Input sides must be multiples of {SIZE_MULTIPLE}. "
-                f"Received: input_shape={tuple(input_shape)}"
-            )
+    check_builder_args(input_shape, SIZE_MULTIPLE, dropout, filters=filters, out_channels=out_channels)
     name = name or f"{encoder}_deeplab"
     enc = make_encoder(load_backbone(encoder, input_shape, encoder_weights))
     inputs = keras.Input(shape=input_shape, name="image")

@@ -19,7 +19,7 @@ import keras
 from keras import layers
 
 from lesionkeras.errors import ConfigError
-from lesionkeras.models.blocks import apply_conv_block, apply_upsample
+from lesionkeras.models.blocks import apply_conv_block, apply_upsample, check_builder_args
 from lesionkeras.models.registry import register
 
 #: Encoder architectures (He et al. 2016), as keras-hub `ResNetBackbone` arguments.
@@ -201,19 +201,7 @@ def build_resnet_unet(
         raise ValueError(
             f"`upsampling` must be one of {UPSAMPLING}. Received: upsampling={upsampling!r}"
         )
-    if filters < 1 or out_channels < 1:
-        raise ValueError(
-            "`filters` and `out_channels` must be >= 1. Received: "
-            f"filters={filters}, out_channels={out_channels}"
-        )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
-    for side in input_shape[:2]:
-        if side is not None and side % SIZE_MULTIPLE:
-            raise ValueError(
-                f"Input sides must be multiples of {SIZE_MULTIPLE}. "
-                f"Received: input_shape={tuple(input_shape)}"
-            )
+    check_builder_args(input_shape, SIZE_MULTIPLE, dropout, filters=filters, out_channels=out_channels)
     name = name or f"{encoder}_unet"
 
     backbone = load_backbone(encoder, input_shape, encoder_weights)

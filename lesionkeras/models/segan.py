@@ -16,7 +16,7 @@ sees the sharpened probabilities.
 import keras
 from keras import layers
 
-from lesionkeras.models.blocks import FusedBatchNormalization, apply_global_conv
+from lesionkeras.models.blocks import FusedBatchNormalization, apply_global_conv, check_builder_args
 from lesionkeras.models.registry import register
 
 ENCODER_KERNELS = (7, 5, 4)
@@ -161,17 +161,9 @@ def build_segan(
     >>> model.output_shape
     (None, 64, 64, 1)
     """
-    if depth < 1 or filters < 1 or out_channels < 1:
-        raise ValueError(
-            "`depth`, `filters` and `out_channels` must be >= 1. Received: "
-            f"depth={depth}, filters={filters}, out_channels={out_channels}"
-        )
-    for side in input_shape[:2]:
-        if side is not None and side % (2**depth):
-            raise ValueError(
-                f"Input sides must be divisible by 2**depth={2**depth}. "
-                f"Received: input_shape={tuple(input_shape)}, depth={depth}"
-            )
+    check_builder_args(
+        input_shape, 2**depth, depth=depth, filters=filters, out_channels=out_channels
+    )
 
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs

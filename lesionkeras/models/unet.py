@@ -3,7 +3,7 @@
 import keras
 from keras import layers
 
-from lesionkeras.models.blocks import apply_conv_block, apply_upsample
+from lesionkeras.models.blocks import apply_conv_block, apply_upsample, check_builder_args
 from lesionkeras.models.registry import register
 
 UPSAMPLING = ("bilinear", "transpose")
@@ -51,19 +51,9 @@ def build_unet(
         raise ValueError(
             f"`upsampling` must be one of {UPSAMPLING}. Received: upsampling={upsampling!r}"
         )
-    if depth < 1 or filters < 1 or out_channels < 1:
-        raise ValueError(
-            "`depth`, `filters` and `out_channels` must be >= 1. Received: "
-            f"depth={depth}, filters={filters}, out_channels={out_channels}"
-        )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
-    for side in input_shape[:2]:
-        if side is not None and side % (2**depth):
-            raise ValueError(
-                f"Input sides must be divisible by 2**depth={2**depth}. "
-                f"Received: input_shape={tuple(input_shape)}, depth={depth}"
-            )
+    check_builder_args(
+        input_shape, 2**depth, dropout, depth=depth, filters=filters, out_channels=out_channels
+    )
 
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs
