@@ -43,8 +43,8 @@ def probe_model(cfg, size):
     from lesionkeras.trainers import baseline
 
     return registry.build(
-        cfg.model.name, input_shape=(size, size, 3), out_channels=1,
-        **baseline.model_options(cfg.model),
+        cfg.model_name, input_shape=(size, size, 3), out_channels=1,
+        **baseline.model_options(cfg.model, cfg.model_name),
     )
 
 

@@ -85,7 +85,10 @@ class AugmentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    name: str = _field("unet", "Registered model name.")
+    name: str = _field(
+        "", "Registered model name (empty: the method's default, `segan` for "
+        "`--method segan`, `unet` otherwise)."
+    )
     depth: int = _field(4, "Number of down-sampling levels of the U-Net.", minimum=1)
     filters: int = _field(16, "Filters of the first level; doubled at each level.", minimum=1)
     batch_norm: bool = _field(True, "Batch normalisation after every convolution.")
@@ -252,6 +255,8 @@ SECTIONS = {
     "smile": SmileConfig,
 }
 METHODS = ("baseline", "meta", "image-reweight", "finetune", "segan", "smile", "multiclass")
+# The model a method trains when `model.name` is left empty.
+DEFAULT_MODELS = {"segan": "segan"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +271,11 @@ class Config:
     meta: MetaConfig = dataclasses.field(default_factory=MetaConfig)
     segan: SeganConfig = dataclasses.field(default_factory=SeganConfig)
     smile: SmileConfig = dataclasses.field(default_factory=SmileConfig)
+
+    @property
+    def model_name(self) -> str:
+        """`model.name`, or the method's default model when it is empty."""
+        return self.model.name or DEFAULT_MODELS.get(self.method, "unet")
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))

@@ -73,3 +73,10 @@ def test_ronneberger_config_builds_the_seed_papers_unet():
     model = baseline.build_model(cfg)
     assert not any(type(l).__name__ == "BatchNormalization" for l in model.layers)
     assert 31_000_000 < model.count_params() < 31_100_000
+
+
+def test_method_default_model():
+    assert config_lib.load_config(None).model_name == "unet"
+    cfg = config_lib.load_config(None, {"method": "segan"})
+    assert cfg.model.name == "" and cfg.model_name == "segan"
+    assert config_lib.load_config(None, {"method": "segan", "model.name": "unet"}).model_name == "unet"

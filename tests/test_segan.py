@@ -280,7 +280,7 @@ def test_trainer_under_mirrored_strategy_on_two_logical_cpus():
         np.testing.assert_allclose(copies[0], copies[1], atol=1e-6, err_msg=v.path)
 
 
-TINY = ["--method", "segan", "--model", "segan", "--batch-size", "2", "--image-size", "32",
+TINY = ["--method", "segan", "--batch-size", "2", "--image-size", "32",
         "--filters", "4", "--depth", "2", "--limit", "8", "--epochs", "2", "--no-progress"]
 
 

@@ -30,21 +30,21 @@ def make_optimizer(train_cfg, steps_per_epoch=None):
     )
 
 
-def model_options(model_cfg):
-    """The `[model]` options that the builder of `model_cfg.name` accepts."""
+def model_options(model_cfg, name=None):
+    """The `[model]` options that the builder `name` (default: `model_cfg.name`) accepts."""
     opts = {
         k: getattr(model_cfg, k)
         for k in ("depth", "filters", "batch_norm", "dropout", "upsampling", "encoder_weights")
     }
-    return registry.accepted_options(model_cfg.name, opts)
+    return registry.accepted_options(name or model_cfg.name or "unet", opts)
 
 
 def build_model(cfg):
     return registry.build(
-        cfg.model.name,
+        cfg.model_name,
         input_shape=(None, None, 3),
         out_channels=1,
-        **model_options(cfg.model),
+        **model_options(cfg.model, cfg.model_name),
     )
 
 

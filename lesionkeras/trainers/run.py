@@ -127,8 +127,8 @@ def build_for_training(trainer, cfg, steps_per_epoch):
 
 
 def _check_sizes(cfg):
-    depth = cfg.model.depth if cfg.model.name in ("unet", "segan") else 0
-    if cfg.model.name.startswith("resnet"):
+    depth = cfg.model.depth if cfg.model_name in ("unet", "segan") else 0
+    if cfg.model_name.startswith("resnet"):
         depth = 5  # the ResNet encoder halves the input five times
     size = cfg.data.crop_size or cfg.data.image_size
     if depth and size % (2**depth):
@@ -258,7 +258,7 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
         )
     callbacks.extend(extra_callbacks)
     log(
-        f"training {cfg.model.name} ({model.count_params():,} parameters) on "
+        f"training {cfg.model_name} ({model.count_params():,} parameters) on "
         f"{len(train_df)} images, validating on {len(val_df)}; strategy "
         f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
         f"precision {policy}"

@@ -52,10 +52,10 @@ def build(cfg, steps_per_epoch=None):
     """The compiled K-head model for `cfg` (call inside the strategy scope)."""
     names = structures(cfg)
     model = registry.build(
-        cfg.model.name,
+        cfg.model_name,
         input_shape=(None, None, 3),
         out_channels=len(names),
-        **baseline.model_options(cfg.model),
+        **baseline.model_options(cfg.model, cfg.model_name),
     )
     model.compile(
         optimizer=baseline.make_optimizer(cfg.train, steps_per_epoch),
