@@ -243,6 +243,12 @@ class SmileConfig:
         "fraction of the training images (independently per structure, seeded; 0 = off).",
         minimum=0.0,
     )
+    container: str = _field(
+        "lesion",
+        "smile: the structure that encloses the others (dermoscopic attributes lie inside "
+        "the lesion), so that known labels follow the nesting; empty = the paper's rule "
+        "for mutually exclusive structures.",
+    )
 
 
 SECTIONS = {

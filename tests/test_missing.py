@@ -196,3 +196,35 @@ def test_cli_drop_labels_then_fit_smile(tmp_path):
     res = runner.invoke(main, ["fit", "--method", "smile", "--structures", "lesion,bogus",
                                "--data", str(src), "--out", str(tmp_path / "bad")])
     assert res.exit_code == 2 and "attr_bogus" in res.output
+
+
+def test_nested_rule_for_attributes_inside_the_lesion():
+    # Channels: 0 = lesion (container), 1 = globules, 2 = streaks; one 1x4 image.
+    lesion = [0, 1, 1, 1]
+    glob = [0, 0, 1, 0]
+    streaks = [0, 0, 0, 1]
+    masks = np.stack([lesion, glob, streaks], -1).astype(np.float32)[None, None]  # (1,1,4,3)
+
+    # Lesion not annotated (target zeroed), both attributes annotated: their
+    # pixels are known lesion pixels; the rest of the lesion map is unknown.
+    m = masks.copy()
+    m[..., 0] = 0
+    t, w = missing.nested_targets_and_weights(m, np.array([[0, 1, 1]], np.float32), 0)
+    np.testing.assert_array_equal(t.numpy()[0, 0, :, 0], [0, 0, 1, 1])
+    np.testing.assert_array_equal(w.numpy()[0, 0, :, 0], [0, 0, 1, 1])
+    np.testing.assert_array_equal(w.numpy()[0, 0, :, 1:], np.ones((4, 2)))
+
+    # Lesion annotated, globules not: outside the lesion globules are known
+    # absent; inside, unknown (the paper's rule would call streak pixels negative).
+    m = masks.copy()
+    m[..., 1] = 0
+    t, w = missing.nested_targets_and_weights(m, np.array([[1, 0, 1]], np.float32), 0)
+    np.testing.assert_array_equal(t.numpy(), m)
+    np.testing.assert_array_equal(w.numpy()[0, 0, :, 1], [1, 0, 0, 0])
+    np.testing.assert_array_equal(w.numpy()[0, 0, :, 0], [1, 1, 1, 1])
+    paper = missing.smile_weights(m, np.array([[1, 0, 1]], np.float32)).numpy()
+    assert paper[0, 0, 3, 1] == 1  # the paper's rule: streak pixel = known non-globule
+
+    # Nothing annotated: nothing is known.
+    t, w = missing.nested_targets_and_weights(np.zeros_like(masks), np.zeros((1, 3)), 0)
+    assert w.numpy().sum() == 0 and t.numpy().sum() == 0

@@ -14,11 +14,16 @@ Annotated / not annotated, when the manifest has no `annotated_<name>` column
 
 A non-annotated structure has an all-zero target, and its SMILE weight map
 (`smile_weights`) keeps only the pixels that are known negatives for it: the
-pixels annotated as positive for another annotated structure. Note that this
-assumes the structures exclude one another, as the organs of the paper do;
-structures that nest (attributes lie inside the lesion) make some of these
-"known negatives" wrong, so leave the lesion annotated (or out) when dropping
-attribute labels.
+pixels annotated as positive for another annotated structure. That rule
+assumes the structures exclude one another, as the organs of the paper do.
+Dermoscopic attributes do not: they lie inside the lesion and overlap each
+other. With `container="lesion"` (`smile.container`, the default for the
+lesion + attributes set) the known labels follow the nesting instead:
+
+* lesion not annotated: pixels of an annotated attribute are known lesion
+  pixels (target 1, weight 1); everything else is unknown;
+* attribute not annotated, lesion annotated: pixels outside the lesion are
+  known negatives (weight 1); inside the lesion it is unknown.
 
 `drop_annotations` implements the paper's protocol (remove the annotation of
 each structure from a fraction alpha of the images, independently per
@@ -236,6 +241,37 @@ def smile_weights(masks, flags):
     return tf.maximum(flags, tf.cast(others > 0, tf.float32)) * tf.ones_like(masks)
 
 
+def nested_targets_and_weights(masks, flags, container):
+    """SMILE targets and weights when the other structures lie inside `container`.
+
+    Args:
+        masks: float `(..., H, W, K)` targets in {0, 1} (0 where not annotated).
+        flags: float or bool `(..., K)`: 1 where the structure is annotated.
+        container: int. Channel of the enclosing structure (the lesion).
+
+    Returns:
+        (targets, weights), float32 `(..., H, W, K)`: the container's target
+        gains the pixels of annotated inner structures when it is itself not
+        annotated; weights follow the rules in the module docstring.
+    """
+    masks = tf.cast(masks, tf.float32)
+    flags = tf.cast(flags, tf.float32)[..., None, None, :]
+    k = masks.shape[-1]
+    is_container = tf.one_hot(container, k, dtype=tf.float32)  # (K,)
+    inner = 1.0 - is_container
+    flag_c = flags[..., container : container + 1]
+    mask_c = masks[..., container : container + 1] * flag_c
+    # Any annotated inner structure marks its pixels as container pixels.
+    inner_pos = tf.reduce_max(masks * flags * inner, axis=-1, keepdims=True)
+    container_target = tf.maximum(mask_c, inner_pos * (1.0 - flag_c))
+    targets = masks * inner + container_target * is_container
+    container_weight = tf.maximum(flag_c, inner_pos)
+    # Outside an annotated container, every inner structure is known absent.
+    inner_weight = tf.maximum(flags, flag_c * (1.0 - mask_c))
+    weights = container_weight * is_container + inner_weight * inner
+    return targets, weights * tf.ones_like(masks)
+
+
 def decoded_dataset(df: pd.DataFrame, structures, image_size: int, cache: bool = True):
     """(image uint8 (S,S,3), masks uint8 (S,S,K), flags float32 (K,)) per row.
 
@@ -273,7 +309,7 @@ def decoded_dataset(df: pd.DataFrame, structures, image_size: int, cache: bool =
 
 def make_dataset(
     decoded, *, batch_size, mean, std, training, augment=None, crop_size=0, seed=0,
-    with_weights=True,
+    with_weights=True, container=None,
 ):
     """Batched `(image, masks, weights)` for `fit`/`evaluate` (weights = SMILE maps).
 
@@ -287,6 +323,8 @@ def make_dataset(
         seed: int. Seed of shuffling, cropping and augmentation.
         with_weights: bool. SMILE weight maps as the third element; if False,
             all-ones maps (the naive baseline: missing = background).
+        container: int or None. Channel that encloses the others (see
+            `nested_targets_and_weights`); None uses the paper's rule.
     """
     norm = pipeline.normalizer(mean, std)
     ds = decoded
@@ -306,8 +344,12 @@ def make_dataset(
             ds = ds.map(lambda i, m, f: (*aug(i, m), f))
 
     def finish(i, m, f):
-        w = smile_weights(m, f) if with_weights else tf.ones_like(m)
-        return norm(i), m, w
+        if not with_weights:
+            return norm(i), m, tf.ones_like(m)
+        if container is not None:
+            m, w = nested_targets_and_weights(m, f, container)
+            return norm(i), m, w
+        return norm(i), m, smile_weights(m, f)
 
     ds = ds.map(finish, num_parallel_calls=pipeline.AUTOTUNE)
     return ds.prefetch(pipeline.AUTOTUNE)

@@ -89,6 +89,12 @@ def _record_annotations(cfg, train_df, names):
     train_df[cols].to_csv(Path(cfg.out) / "annotations.csv", index=False)
 
 
+def container_index(cfg, names):
+    """Channel of `smile.container` among `names`, or None (paper's rule)."""
+    c = cfg.smile.container
+    return names.index(c) if c and c in names and len(names) > 1 else None
+
+
 def train_dataset(cfg, train_df, mean, std):
     """Batches of (image, K masks, weight maps); all-ones maps for `multiclass`."""
     names = structures(cfg)
@@ -98,7 +104,7 @@ def train_dataset(cfg, train_df, mean, std):
         missing.decoded_dataset(train_df, names, d.image_size, cache=d.cache),
         batch_size=cfg.train.batch_size, mean=mean, std=std, training=True,
         augment=cfg.augment, crop_size=d.crop_size, seed=cfg.seed,
-        with_weights=cfg.method == "smile",
+        with_weights=cfg.method == "smile", container=container_index(cfg, names),
     )
 
 
@@ -114,7 +120,7 @@ def val_dataset(cfg, val_df, mean, std, batch_size):
     return missing.make_dataset(
         missing.decoded_dataset(val_df, names, d.image_size, cache=d.cache),
         batch_size=batch_size, mean=mean, std=std, training=False, crop_size=d.crop_size,
-        with_weights=cfg.method == "smile",
+        with_weights=cfg.method == "smile", container=container_index(cfg, names),
     )
 
 
