@@ -33,6 +33,9 @@ setup(
         "scipy",
         # tomllib only reads TOML; the resolved run config must also be written.
         "tomli-w",
+        # The TFLite interpreter (TensorFlow's own `tf.lite.Interpreter` is deprecated);
+        # `export --format tflite` checks its file with it.
+        "ai-edge-litert",
         # tomllib is stdlib from 3.11 on; tomli is the same parser for 3.10.
         "tomli; python_version < '3.11'",
     ],

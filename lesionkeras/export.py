@@ -1,0 +1,322 @@
+"""Export a trained model as a SavedModel (TensorFlow Serving) or a TFLite file.
+
+The exported graph takes raw 0-255 RGB images: the per-channel normalisation
+of the run and the sigmoid are baked in, so a client needs no Python
+preprocessing. A SavedModel has two signatures:
+
+- `serving_default`: `images` float32 `(batch, S, S, 3)` at the model
+  resolution `S` -> `probabilities` float32 `(batch, S, S, K)` and `mask`
+  uint8 `(batch, S, S, K)` (1 where the probability reaches the run's
+  threshold).
+- `serving_bytes`: `image_bytes` string scalar, one encoded JPEG/PNG/BMP/GIF
+  image of any size -> `probabilities` float32 `(H, W, K)` and `mask` uint8
+  `(H, W, K)` at the image's own size.
+
+A TFLite file holds `serving_default` only (its decoders are not TFLite ops).
+`lesionkeras.json` beside the model records the input size, channels,
+normalisation, threshold, method and package version.
+
+Every export is checked before it is published: the artefact and the Keras
+model run on a few synthetic images, and the export is refused (nothing left
+at `out`) when their probabilities differ by more than `tolerance`. Files are
+written to a temporary folder next to `out` and renamed into place.
+
+Example:
+
+```python
+from lesionkeras import export
+
+result = export.export_model("runs/baseline", "exported/lesion/1")
+print(result.max_abs_diff, result.dice)
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from lesionkeras import __version__
+from lesionkeras import inference
+from lesionkeras.data.color import apply_color_constancy
+from lesionkeras.errors import DataError, LesionKerasError
+
+FORMATS = ("savedmodel", "tflite")
+METADATA_FILE = "lesionkeras.json"
+SIGNATURES = ("serving_default", "serving_bytes")
+
+
+class ParityError(LesionKerasError):
+    """The exported artefact does not reproduce the Keras model (CLI exit code 1)."""
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What `export_model` wrote and how closely it matches the Keras model.
+
+    Attributes:
+        path: Path. The SavedModel folder or the `.tflite` file.
+        metadata_path: Path. The `lesionkeras.json` written beside it.
+        format: str. `savedmodel` or `tflite`.
+        max_abs_diff: float. Largest absolute probability difference.
+        dice: float. Dice agreement of the thresholded masks (1.0 = identical).
+        images: int. Number of parity images.
+    """
+
+    path: Path
+    metadata_path: Path
+    format: str
+    max_abs_diff: float
+    dice: float
+    images: int
+
+
+def serving_functions(model, image_size, mean, std, threshold, color_constancy="none"):
+    """The two serving functions, with preprocessing, sigmoid and threshold baked in.
+
+    Args:
+        model: keras.Model. Returns logits `(batch, S, S, K)` for normalised input.
+        image_size: int. Model input side `S`.
+        mean: sequence of 3 floats. Per-channel mean on the 0-255 scale.
+        std: sequence of 3 floats. Per-channel std on the 0-255 scale.
+        threshold: float. Probability threshold of the `mask` output.
+        color_constancy: str. Colour balance of the run (`data.color_constancy`).
+            Defaults to `"none"`.
+
+    Returns:
+        (serve, serve_bytes): `serve(images)` for a float32 batch of raw 0-255
+        images at `S x S`; `serve_bytes(image_bytes)` for one encoded image.
+    """
+    mean = tf.constant(mean, tf.float32)
+    std = tf.constant(std, tf.float32)
+    size = (int(image_size), int(image_size))
+
+    def probabilities(images):
+        x = apply_color_constancy(tf.clip_by_value(images, 0.0, 255.0), color_constancy)
+        x = (x - mean) / std
+        return tf.sigmoid(tf.cast(model(x, training=False), tf.float32))
+
+    def outputs(p):
+        return {"probabilities": p, "mask": tf.cast(p >= threshold, tf.uint8)}
+
+    def serve(images):
+        return outputs(probabilities(tf.cast(images, tf.float32)))
+
+    def serve_bytes(image_bytes):
+        img = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+        # Same resizing as `inference.Predictor`, so both give the same maps.
+        x = tf.image.resize(tf.cast(img, tf.float32), size, antialias=True)
+        p = probabilities(x[tf.newaxis])[0]
+        return outputs(tf.image.resize(p, tf.shape(img)[:2], method="bilinear"))
+
+    return serve, serve_bytes
+
+
+def write_savedmodel(model, path, image_size, mean, std, threshold, color_constancy="none"):
+    """Writes the SavedModel with the `serving_default` and `serving_bytes` signatures.
+
+    Args:
+        model: keras.Model. Returns logits for normalised input.
+        path: str or Path. Output folder.
+        image_size: int. Model input side.
+        mean: sequence of 3 floats. Per-channel mean (0-255 scale).
+        std: sequence of 3 floats. Per-channel std (0-255 scale).
+        threshold: float. Threshold of the `mask` outputs.
+        color_constancy: str. Colour balance of the run. Defaults to `"none"`.
+    """
+    serve, serve_bytes = serving_functions(
+        model, image_size, mean, std, threshold, color_constancy
+    )
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default", serve,
+        input_signature=[
+            tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")
+        ],
+    )
+    archive.add_endpoint(
+        "serving_bytes", serve_bytes,
+        input_signature=[tf.TensorSpec([], tf.string, name="image_bytes")],
+    )
+    archive.write_out(str(path), verbose=False)
+
+
+def write_tflite(saved_model_dir, path):
+    """Converts the `serving_default` signature of a SavedModel to a float32 TFLite file."""
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        str(saved_model_dir), signature_keys=["serving_default"]
+    )
+    Path(path).write_bytes(converter.convert())
+
+
+def parity_images(image_size, count=4, seed=0):
+    """Synthetic lesion images, (count, S, S, 3) uint8, deterministic."""
+    from lesionkeras.data import synthetic
+
+    return np.stack(
+        [synthetic.make_sample(seed, i, size=int(image_size)).image for i in range(count)]
+    )
+
+
+def keras_probabilities(predictor, images):
+    """Probabilities of the Keras model on raw images at the model size, (N, S, S, K)."""
+    x = tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 255.0)
+    x = apply_color_constancy(x, _color_constancy(predictor))
+    x = inference.pipeline.normalizer(predictor.mean, predictor.std)(x)
+    return tf.sigmoid(tf.cast(predictor.model(x, training=False), tf.float32)).numpy()
+
+
+def _color_constancy(predictor):
+    return getattr(predictor, "color_constancy", "none") or "none"
+
+
+def mask_dice(a, b):
+    """Dice agreement of two boolean masks pooled over all pixels (1.0 if both empty)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
+
+
+def _png_bytes(image):
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _run_savedmodel(path, images, encoded):
+    loaded = tf.saved_model.load(str(path))
+    probs = loaded.signatures["serving_default"](images=tf.constant(images, tf.float32))
+    from_bytes = loaded.signatures["serving_bytes"](image_bytes=tf.constant(encoded))
+    return probs["probabilities"].numpy(), from_bytes["probabilities"].numpy()
+
+
+def _run_tflite(path, images):
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
+    return np.concatenate(
+        [runner(images=images[i : i + 1].astype(np.float32))["probabilities"]
+         for i in range(len(images))]
+    )
+
+
+def _metadata(predictor, fmt, out_channels):
+    return {
+        "format": fmt,
+        "input_size": predictor.image_size,
+        "channels": 3,
+        "out_channels": out_channels,
+        "input": "RGB, float32, 0-255 (not normalised)",
+        "mean": list(predictor.mean),
+        "std": list(predictor.std),
+        "color_constancy": _color_constancy(predictor),
+        "threshold": predictor.threshold,
+        "method": predictor.method,
+        "version": __version__,
+        "source": predictor.source,
+        "signatures": list(SIGNATURES) if fmt == "savedmodel" else ["serving_default"],
+    }
+
+
+def _check_out(out, fmt):
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise DataError(f"{out}: already exists; choose a new --out")
+    if fmt == "tflite" and out.suffix != ".tflite":
+        raise DataError(f"{out}: a TFLite export needs a .tflite file name")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise DataError(f"{out.parent}: not a folder")
+
+
+def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolerance=1e-4,
+                 threshold=None, log=None):
+    """Exports a run directory or `.keras` file and checks it against the Keras model.
+
+    Args:
+        model_path: str or Path. Run directory or `.keras` file.
+        out: str or Path. SavedModel folder, or `.tflite` file; must not exist
+            (an empty folder is accepted).
+        format: str. `savedmodel` or `tflite`. Defaults to `savedmodel`.
+        parity_count: int. Synthetic images of the parity check. Defaults to 4.
+        tolerance: float. Largest accepted absolute probability difference.
+            Defaults to 1e-4.
+        threshold: float or None. Threshold baked in; None uses the run's.
+        log: callable or None. Receives progress lines.
+
+    Returns:
+        ExportResult.
+
+    Raises:
+        DataError: bad model path (or an exported artefact) or output path (nothing
+            written).
+        ParityError: the artefact differs from the Keras model (nothing left at `out`).
+    """
+    if format not in FORMATS:
+        raise DataError(f"unknown export format {format!r} (expected {', '.join(FORMATS)})")
+    log = log or (lambda line: None)
+    out = Path(out)
+    _check_out(out, format)
+    predictor = inference.load_predictor(model_path, threshold=threshold)
+    if predictor.model is None:
+        raise DataError(f"{model_path}: already exported; export a run directory or a .keras file")
+    for note in predictor.notes:
+        log(note)
+    size = predictor.image_size
+    images = parity_images(size, parity_count)
+    reference = keras_probabilities(predictor, images)
+    # The bytes signature is checked on a non-square image of another size.
+    odd = parity_images(size * 3 // 2, 1)[0][:, : size + 5]
+    odd_reference = predictor.probabilities([odd])[0]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    # mkdtemp makes the folder private; a served model must be readable by the server.
+    os.chmod(tmp, 0o755)
+    try:
+        saved_model = tmp if format == "savedmodel" else tmp / "saved_model"
+        write_savedmodel(predictor.model, saved_model, size, predictor.mean, predictor.std,
+                         predictor.threshold, _color_constancy(predictor))
+        if format == "savedmodel":
+            probs, odd_probs = _run_savedmodel(saved_model, images, _png_bytes(odd))
+            diffs = [np.abs(probs - reference).max(), np.abs(odd_probs - odd_reference).max()]
+            artefact, meta_path = tmp, tmp / METADATA_FILE
+        else:
+            artefact = tmp / out.name
+            write_tflite(saved_model, artefact)
+            probs = _run_tflite(artefact, images)
+            diffs = [np.abs(probs - reference).max()]
+            meta_path = tmp / f"{out.stem}.{METADATA_FILE}"
+        max_diff = float(max(diffs))
+        dice = mask_dice(probs >= predictor.threshold, reference >= predictor.threshold)
+        log(f"parity on {len(images)} synthetic images: max abs diff {max_diff:.3g}, "
+            f"mask dice {dice:.4f}")
+        if not max_diff <= tolerance:
+            raise ParityError(
+                f"{out}: {format} export differs from the Keras model (max abs diff "
+                f"{max_diff:.3g} > {tolerance:g}); artefact removed"
+            )
+        meta = _metadata(predictor, format, int(reference.shape[-1]))
+        meta["parity"] = {"images": len(images), "max_abs_diff": max_diff, "dice": dice,
+                          "tolerance": tolerance}
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        if format == "savedmodel":
+            os.replace(tmp, out)
+            final, final_meta = out, out / METADATA_FILE
+        else:
+            final_meta = out.with_name(meta_path.name)
+            os.replace(meta_path, final_meta)
+            os.replace(artefact, out)
+            final = out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(final, final_meta, format, max_diff, dice, len(images))
