@@ -164,13 +164,18 @@ FIT_FLAGS = {
 @click.option("--simulate-missing", type=click.FloatRange(0, 1), default=None,
               help="smile/multiclass: drop each structure's labels from this fraction of the "
                    "training images (seeded; recorded in RUN/annotations.csv).")
+@click.option("--folds", "kfold", type=click.IntRange(min=2), default=None,
+              help="Train K models on a K-fold split (RUN/fold<i>/); evaluate and predict "
+                   "on RUN average them.")
 @handle_errors
-def fit(config_file, resume, **flags):
+def fit(config_file, resume, kfold, **flags):
     """Train a model; writes a run directory (config, checkpoints, TensorBoard)."""
     overrides = {FIT_FLAGS[k]: v for k, v in flags.items() if v is not None}
     if resume:
         if config_file:
             raise click.UsageError("--resume reads the run's own config; drop --config.")
+        if kfold:
+            raise click.UsageError("--folds cannot be combined with --resume.")
         cfg = config_lib.load_config(Path(resume) / "config.toml")
         cfg = cfg.override(overrides)
     else:
@@ -180,7 +185,10 @@ def fit(config_file, resume, **flags):
     from lesionkeras.trainers import run
 
     try:
-        result = run.fit(cfg, resume_dir=resume, log=click.echo)
+        if kfold:
+            result = run.fit_folds(cfg, kfold, log=click.echo)
+        else:
+            result = run.fit(cfg, resume_dir=resume, log=click.echo)
     except KeyboardInterrupt:
         where = resume or cfg.out or "the run directory"
         click.echo(f"\ninterrupted; continue with: lesionkeras fit --resume {where}", err=True)
@@ -193,7 +201,8 @@ def fit(config_file, resume, **flags):
     per_structure = [f"{k[5:]} {v:.4f}" for k, v in result.metrics.items() if k.startswith("dice_")]
     if per_structure:
         click.echo("per-structure dice: " + ", ".join(per_structure))
-    click.echo(f"tensorboard --logdir {result.run_dir / 'tensorboard'}")
+    # With folds, each fold has its own tensorboard/ below RUN.
+    click.echo(f"tensorboard --logdir {result.run_dir if kfold else result.run_dir / 'tensorboard'}")
 
 
 @main.command(name="lr-find")
@@ -319,6 +328,38 @@ def predict(model_path, input_path, out, threshold, probabilities, overlay, batc
             batch_size=batch_size or 8, progress=bar.update,
         )
     click.echo(f"wrote {len(written)} masks to {out}")
+
+
+@main.command(name="export")
+@click.argument("model_path", metavar="MODEL")
+@click.option("--format", "fmt", type=click.Choice(["savedmodel", "tflite"]),
+              default="savedmodel", show_default=True,
+              help="SavedModel folder (TensorFlow Serving) or float32 .tflite file.")
+@click.option("--out", required=True,
+              help="Output folder (savedmodel) or .tflite file; must not exist yet.")
+@THRESHOLD_OPTION
+@click.option("--parity-images", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Synthetic images of the parity check against the Keras model.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Largest accepted absolute probability difference.")
+@handle_errors
+def export_cmd(model_path, fmt, out, threshold, parity_images, tolerance):
+    """Export MODEL (run directory or .keras) with preprocessing baked in, then check parity.
+
+    The export is refused (exit 1, nothing left at --out) when the artefact's
+    probabilities differ from the Keras model's by more than --tolerance.
+    """
+    _quiet_tensorflow_import()
+    from lesionkeras import export
+
+    try:
+        result = export.export_model(
+            model_path, out, format=fmt, parity_count=parity_images, tolerance=tolerance,
+            threshold=threshold, log=lambda line: click.echo(line, err=line.startswith("warning:")),
+        )
+    except export.ParityError as e:
+        _fail([str(e)], 1)
+    click.echo(f"wrote {result.path} and {result.metadata_path}")
 
 
 @main.group()

@@ -65,6 +65,12 @@ class DataConfig:
     mean: tuple = _field((), "Per-channel mean (0-255); filled in by `fit` and stored in the run config.")
     std: tuple = _field((), "Per-channel std (0-255); filled in by `fit` and stored in the run config.")
     cache: bool = _field(True, "Cache decoded, resized images in memory.")
+    color_constancy: str = _field(
+        "none",
+        "Colour balance applied once to every decoded image: `none` or `shades_of_gray` "
+        "(Finlayson & Trezzi 2004, p = 6).",
+        choices=("none", "shades_of_gray"),
+    )
     synthetic_count: int = _field(240, "Number of images of the built-in synthetic dataset.", minimum=8)
     synthetic_size: int = _field(
         0, "Side of the synthetic images on disk (0 = same as image_size).", minimum=0
@@ -251,6 +257,26 @@ class SmileConfig:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Unet34Config:
+    schedule: str = _field(
+        "one_cycle",
+        "unet34: learning-rate schedule of each stage, restarted per stage (`train.epochs` "
+        "and `train.schedule` are not used by this method).",
+        choices=("constant", "one_cycle", "slanted_triangular", "linear_decay"),
+    )
+    stage1_epochs: int = _field(10, "unet34: epochs of stage 1 (encoder frozen).", minimum=1)
+    stage1_lr: float = _field(
+        0.0, "unet34: (peak) learning rate of stage 1 (0 = train.lr).", minimum=0.0
+    )
+    stage2_epochs: int = _field(
+        10, "unet34: epochs of stage 2 (all but the batch norms trainable).", minimum=1
+    )
+    stage2_lr: float = _field(
+        0.0, "unet34: (peak) learning rate of stage 2 (0 = the stage-1 rate / 10).", minimum=0.0
+    )
+
+
 SECTIONS = {
     "data": DataConfig,
     "augment": AugmentConfig,
@@ -259,10 +285,13 @@ SECTIONS = {
     "meta": MetaConfig,
     "segan": SeganConfig,
     "smile": SmileConfig,
+    "unet34": Unet34Config,
 }
-METHODS = ("baseline", "meta", "image-reweight", "finetune", "segan", "smile", "multiclass")
+METHODS = (
+    "baseline", "meta", "image-reweight", "finetune", "segan", "smile", "multiclass", "unet34",
+)
 # The model a method trains when `model.name` is left empty.
-DEFAULT_MODELS = {"segan": "segan"}
+DEFAULT_MODELS = {"segan": "segan", "unet34": "resnet34_unet"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +306,7 @@ class Config:
     meta: MetaConfig = dataclasses.field(default_factory=MetaConfig)
     segan: SeganConfig = dataclasses.field(default_factory=SeganConfig)
     smile: SmileConfig = dataclasses.field(default_factory=SmileConfig)
+    unet34: Unet34Config = dataclasses.field(default_factory=Unet34Config)
 
     @property
     def model_name(self) -> str:
@@ -412,6 +442,11 @@ def from_dict(values: dict, origin: str = "config") -> Config:
     if sg.warmup_epochs and not sg.supervised_loss:
         raise ConfigError(
             f"{origin}: `segan.warmup_epochs` needs a `segan.supervised_loss` to train on"
+        )
+    if cfg.data.color_constancy != "none" and cfg.method in ("smile", "multiclass"):
+        raise ConfigError(
+            f"{origin}: `data.color_constancy` is not supported by `method = {cfg.method!r}` "
+            "yet; use \"none\""
         )
     if len(cfg.data.mean) not in (0, 3) or len(cfg.data.std) not in (0, 3):
         raise ConfigError(f"{origin}: `data.mean` and `data.std` need 3 values each")

@@ -1,7 +1,10 @@
 """Load a trained model with its preprocessing; evaluate and predict on folders.
 
 `MODEL` is a run directory (model.keras + config.toml) or a `.keras` file
-(its preprocessing is read from a config.toml beside it when there is one).
+(its preprocessing is read from a config.toml beside it when there is one),
+or an artefact of `lesionkeras export`: a SavedModel folder or a `.tflite`
+file, whose preprocessing is baked in (size and threshold are read from the
+`lesionkeras.json` beside it).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from lesionkeras import config as config_lib
 from lesionkeras import losses as _losses  # noqa: F401 - registers the loss classes for loading
 from lesionkeras import metrics as metrics_lib
 from lesionkeras.data import layout, pipeline
+from lesionkeras.data.color import apply_color_constancy
 from lesionkeras.errors import DataError
+from lesionkeras.models import registry
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif"}
 SCORE_COLUMNS = metrics_lib.SCORE_NAMES
@@ -37,6 +42,11 @@ class Predictor:
     threshold: float
     source: str
     notes: list = dataclasses.field(default_factory=list)
+    method: str = ""
+    color_constancy: str = "none"
+    # Exported artefacts: raw 0-255 batch at the model size -> probabilities
+    # (their preprocessing is baked in); `model` is None then.
+    forward: object = None
 
     def probabilities(self, images):
         """Probability maps (H_i, W_i, K) float32 at each image's own size.
@@ -48,7 +58,15 @@ class Predictor:
         batch = tf.stack(
             [tf.image.resize(tf.cast(im, tf.float32), size, antialias=True) for im in images]
         )
-        batch = pipeline.normalizer(self.mean, self.std)(tf.clip_by_value(batch, 0, 255))
+        if self.forward is not None:
+            probs = tf.convert_to_tensor(self.forward(tf.clip_by_value(batch, 0, 255)))
+            return [
+                tf.image.resize(p, tf.shape(im)[:2], method="bilinear").numpy()
+                for p, im in zip(probs, images)
+            ]
+        # The same colour balance as training (`data.color_constancy`), on the resized image.
+        batch = apply_color_constancy(tf.clip_by_value(batch, 0, 255), self.color_constancy)
+        batch = pipeline.normalizer(self.mean, self.std)(batch)
         probs = tf.sigmoid(tf.cast(self.model(batch, training=False), tf.float32))
         return [
             tf.image.resize(p, tf.shape(im)[:2], method="bilinear").numpy()
@@ -56,10 +74,70 @@ class Predictor:
         ]
 
 
-def load_predictor(path, threshold=None) -> Predictor:
-    """Loads a run directory or a `.keras` file (see module docstring)."""
+@dataclasses.dataclass
+class EnsemblePredictor:
+    """Several predictors (e.g. the folds of `fit --folds K`) whose probabilities are averaged.
+
+    Each member keeps its own preprocessing (a fold's normalisation statistics
+    come from its own training split). This is the paper's Ensemble (Guth &
+    deCampos 2018, section 3.5).
+
+    Args:
+        members: list of `Predictor`.
+        names: list of str. One name per member (e.g. `fold0`).
+        threshold: float. Threshold of the averaged probabilities.
+        source: str. Where the members were loaded from.
+    """
+
+    members: list
+    names: list
+    threshold: float
+    source: str
+    notes: list = dataclasses.field(default_factory=list)
+    method: str = ""
+    model: object = None  # no single Keras model (export needs one)
+
+    def member_probabilities(self, images):
+        """Per member, the list of its probability maps (as `Predictor.probabilities`)."""
+        return [m.probabilities(images) for m in self.members]
+
+    def probabilities(self, images):
+        """The members' probability maps averaged, image by image."""
+        return _average(self.member_probabilities(images))
+
+
+def _average(by_member):
+    return [np.mean(maps, axis=0) for maps in zip(*by_member)]
+
+
+def fold_dirs(path):
+    """The `fold*/` sub-runs of a `fit --folds` run directory (sorted), else []."""
     path = Path(path)
+    if not path.is_dir():
+        return []
+    return sorted(
+        (d for d in path.glob("fold*") if (d / "model.keras").exists()),
+        key=lambda d: int("".join(c for c in d.name[4:] if c.isdigit()) or 0),
+    )
+
+
+def load_predictor(path, threshold=None):
+    """Loads a run directory, a `.keras` file, or a run with folds (see module docstring).
+
+    A directory without `model.keras` but with `fold*/model.keras` gives an
+    `EnsemblePredictor` averaging the folds (threshold: `threshold`, else fold 0's).
+    """
+    path = Path(path)
+    folds = fold_dirs(path) if not (path / "model.keras").exists() else []
+    if folds:
+        members = [load_predictor(d, threshold=threshold) for d in folds]
+        return EnsemblePredictor(
+            members, [d.name for d in folds], members[0].threshold, str(path),
+            [n for m in members for n in m.notes], members[0].method,
+        )
     notes = []
+    if (path.is_dir() and (path / "saved_model.pb").exists()) or path.suffix == ".tflite":
+        return _load_exported(path, threshold)
     if path.is_dir():
         model_file, cfg_file = path / "model.keras", path / "config.toml"
         if not model_file.exists():
@@ -70,14 +148,19 @@ def load_predictor(path, threshold=None) -> Predictor:
             raise DataError(f"{path}: no such model file")
     else:
         raise DataError(
-            f"{path}: unknown model format (expected a run directory or a .keras file)"
+            f"{path}: unknown model format (expected a run directory, a .keras file, "
+            "a SavedModel folder or a .tflite file)"
         )
+    # Importing the builders registers their custom layers, which loading needs.
+    registry.names()
     try:
         model = keras.saving.load_model(model_file)
     except Exception as e:  # noqa: BLE001 - any load failure is a bad input file
         raise DataError(f"{model_file}: cannot load the model ({type(e).__name__}: {e})") from None
+    method, color_constancy = "", "none"
     if cfg_file.exists():
         cfg = config_lib.load_config(cfg_file)
+        method, color_constancy = cfg.method, cfg.data.color_constancy
         size, mean, std, thr = cfg.data.image_size, cfg.data.mean, cfg.data.std, cfg.train.threshold
         size = cfg.data.crop_size or size
         if not (mean and std):
@@ -91,7 +174,49 @@ def load_predictor(path, threshold=None) -> Predictor:
         mean, std, thr = pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD, 0.5
     return Predictor(
         model, int(size), tuple(mean), tuple(std),
-        float(threshold if threshold is not None else thr), str(path), notes,
+        float(threshold if threshold is not None else thr), str(path), notes, method,
+        color_constancy,
+    )
+
+
+def _load_exported(path, threshold):
+    """A `Predictor` over a SavedModel folder or a `.tflite` file from `lesionkeras export`."""
+    if not path.exists():
+        raise DataError(f"{path}: no such model file")
+    meta_file = path / "lesionkeras.json" if path.is_dir() else path.with_suffix(
+        ".lesionkeras.json")
+    try:
+        if path.is_dir():
+            fn = tf.saved_model.load(str(path)).signatures["serving_default"]
+            size = fn.structured_input_signature[1]["images"].shape[1]
+
+            def forward(batch):
+                return fn(images=tf.cast(batch, tf.float32))["probabilities"]
+        else:
+            from ai_edge_litert.interpreter import Interpreter
+
+            interpreter = Interpreter(model_path=str(path))
+            runner = interpreter.get_signature_runner("serving_default")
+            size = int(runner.get_input_details()["images"]["shape"][1])
+
+            def forward(batch):
+                # Batch 1 per call: the file's batch dimension is fixed at conversion.
+                batch = np.asarray(batch, np.float32)
+                return np.concatenate(
+                    [runner(images=batch[i : i + 1])["probabilities"] for i in range(len(batch))]
+                )
+    except Exception as e:  # noqa: BLE001 - any load failure is a bad input file
+        raise DataError(f"{path}: cannot load the exported model ({type(e).__name__}: {e})") from None
+    notes, meta = [], {}
+    if meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+    else:
+        notes.append(f"warning: {path}: no {meta_file.name} beside it; using threshold 0.5")
+    thr = threshold if threshold is not None else meta.get("threshold", 0.5)
+    return Predictor(
+        None, int(meta.get("input_size") or size), tuple(meta.get("mean", ())),
+        tuple(meta.get("std", ())), float(thr), str(path), notes, meta.get("method", ""),
+        meta.get("color_constancy", "none"), forward,
     )
 
 
@@ -146,16 +271,28 @@ def evaluate(predictor, df, *, out_dir=None, batch_size=8, progress=None):
     Returns:
         (per-image DataFrame, summary dict).
     """
-    rows = []
+    def scores_of(mask, prob):
+        scores = metrics_lib.per_image_scores(
+            mask.numpy(), prob, threshold=predictor.threshold, from_logits=False
+        )
+        return {k: float(np.asarray(scores[k]).reshape(-1)[0]) for k in SCORE_COLUMNS}
+
+    names = getattr(predictor, "names", [])
+    rows, member_rows = [], {n: [] for n in names}
     for batch in _read_batches(df, batch_size, with_masks=True):
-        probs = predictor.probabilities([img for _, img, _ in batch])
+        images = [img for _, img, _ in batch]
+        if names:
+            # An ensemble: score each member alone too, from the same maps.
+            by_member = predictor.member_probabilities(images)
+            probs = _average(by_member)
+            for name, maps in zip(names, by_member):
+                member_rows[name] += [scores_of(m, p) for (_, _, m), p in zip(batch, maps)]
+        else:
+            probs = predictor.probabilities(images)
         for (idx, _, mask), prob in zip(batch, probs):
-            scores = metrics_lib.per_image_scores(
-                mask.numpy(), prob, threshold=predictor.threshold, from_logits=False
-            )
             rows.append(
                 {"id": df["id"].iloc[idx], "image": df["image"].iloc[idx]}
-                | {k: float(np.asarray(scores[k]).reshape(-1)[0]) for k in SCORE_COLUMNS}
+                | scores_of(mask, prob)
             )
         if progress:
             progress(len(batch))
@@ -166,6 +303,11 @@ def evaluate(predictor, df, *, out_dir=None, batch_size=8, progress=None):
         "threshold": predictor.threshold,
         **{k: float(per_image[k].mean()) for k in SCORE_COLUMNS},
     }
+    if names:
+        summary["members"] = {
+            n: {k: float(pd.DataFrame(r)[k].mean()) for k in SCORE_COLUMNS}
+            for n, r in member_rows.items()
+        }
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +320,10 @@ def format_summary(summary) -> str:
     width = max(len(k) for k in SCORE_COLUMNS)
     lines = [f"{'metric':<{width}}  mean over {summary['images']} images"]
     lines += [f"{k:<{width}}  {summary[k]:.4f}" for k in SCORE_COLUMNS]
+    for name, scores in summary.get("members", {}).items():
+        lines.append(f"{name} alone: " + ", ".join(
+            f"{k} {scores[k]:.4f}" for k in ("dice", "jaccard", "threshold_jaccard") if k in scores
+        ))
     return "\n".join(lines)
 
 

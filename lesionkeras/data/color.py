@@ -35,3 +35,36 @@ def shades_of_gray(image, p=6):
     # Keep the image's overall brightness: scale each channel to the mean illuminant.
     gain = tf.reduce_mean(illum, axis=-1, keepdims=True) / (illum + 1e-6)
     return tf.clip_by_value(x * gain, 0.0, 255.0)
+
+
+#: Values of `data.color_constancy`.
+COLOR_CONSTANCY = ("none", "shades_of_gray")
+
+
+def apply_color_constancy(image, method="none"):
+    """Applies the colour balance `method` to an image or a batch (0-255).
+
+    Args:
+        image: tensor (H, W, 3) or (B, H, W, 3). uint8 in, uint8 out (rounded);
+            any other dtype gives float32.
+        method: str. `"none"` (returned unchanged) or `"shades_of_gray"` (p = 6).
+            Defaults to `"none"`.
+
+    Returns:
+        The balanced image.
+
+    Example:
+
+    >>> apply_color_constancy(tf.zeros((2, 2, 3), tf.uint8), "shades_of_gray").dtype
+    tf.uint8
+    """
+    if method not in COLOR_CONSTANCY:
+        raise ValueError(
+            f"`method` must be one of {COLOR_CONSTANCY}. Received: method={method!r}"
+        )
+    if method == "none":
+        return image
+    out = shades_of_gray(image, p=6)
+    if tf.as_dtype(image.dtype) == tf.uint8:
+        return tf.cast(tf.round(out), tf.uint8)
+    return out

@@ -87,16 +87,25 @@ def _resize_pair(image, mask, size):
     return image, mask
 
 
-def decoded_dataset(df: pd.DataFrame, image_size: int, cache: bool = True):
-    """(image uint8 (S,S,3), mask uint8 (S,S,1)) per manifest row, in row order."""
+def decoded_dataset(
+    df: pd.DataFrame, image_size: int, cache: bool = True, color_constancy: str = "none"
+):
+    """(image uint8 (S,S,3), mask uint8 (S,S,1)) per manifest row, in row order.
+
+    `color_constancy` (`data.color_constancy`) is applied once to the resized
+    image, before the cache, so it costs nothing per epoch.
+    """
+    from lesionkeras.data.color import apply_color_constancy
+
     ds = tf.data.Dataset.from_tensor_slices(
         (df["image"].astype(str).tolist(), df["mask"].astype(str).tolist())
     )
-    ds = ds.map(
-        lambda i, m: _resize_pair(decode_image(i), decode_mask(m), image_size),
-        num_parallel_calls=AUTOTUNE,
-        deterministic=True,
-    )
+
+    def load(i, m):
+        image, mask = _resize_pair(decode_image(i), decode_mask(m), image_size)
+        return apply_color_constancy(image, color_constancy), mask
+
+    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.cache() if cache else ds
 
 

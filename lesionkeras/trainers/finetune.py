@@ -81,7 +81,9 @@ def stages(cfg, train_df, mean, std):
         _split(cfg, train_df), (cfg.train.epochs, cfg.meta.finetune_epochs), (None, finetune_lr(cfg))
     ):
         ds = pipeline.make_dataset(
-            pipeline.decoded_dataset(df, d.image_size, cache=d.cache),
+            pipeline.decoded_dataset(
+                df, d.image_size, cache=d.cache, color_constancy=d.color_constancy
+            ),
             batch_size=cfg.train.batch_size, mean=mean, std=std, training=True,
             augment=cfg.augment, crop_size=d.crop_size, seed=cfg.seed,
         )

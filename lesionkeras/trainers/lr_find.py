@@ -181,7 +181,9 @@ def train_dataset(cfg):
     df, _ = run.prepare_data(cfg)
     train_df = df[df["split"] == "train"].reset_index(drop=True)
     d = cfg.data
-    decoded = pipeline.decoded_dataset(train_df, d.image_size, cache=d.cache)
+    decoded = pipeline.decoded_dataset(
+        train_df, d.image_size, cache=d.cache, color_constancy=d.color_constancy
+    )
     if d.mean and d.std:
         mean, std = d.mean, d.std
     elif d.normalize == "imagenet":

@@ -477,12 +477,16 @@ def train_dataset(cfg, train_df, mean, std):
             f"(found {len(noisy_df)} noisy, {len(clean_df)} clean)"
         )
     noisy = pipeline.make_dataset(
-        pipeline.decoded_dataset(noisy_df, d.image_size, cache=d.cache),
+        pipeline.decoded_dataset(
+            noisy_df, d.image_size, cache=d.cache, color_constancy=d.color_constancy
+        ),
         batch_size=cfg.train.batch_size, mean=mean, std=std, training=True,
         augment=cfg.augment, crop_size=d.crop_size, seed=cfg.seed,
     )
     clean = _clean_stream(
-        pipeline.decoded_dataset(clean_df, d.image_size, cache=d.cache),
+        pipeline.decoded_dataset(
+            clean_df, d.image_size, cache=d.cache, color_constancy=d.color_constancy
+        ),
         batch_size=cfg.meta.clean_batch_size, mean=mean, std=std, augment=cfg.augment,
         crop_size=d.crop_size, seed=cfg.seed + 1,
     )
@@ -601,7 +605,9 @@ class WeightMaps(keras.callbacks.Callback):
 def _fixed_batch(df, count, cfg, mean, std, column="mask"):
     rows = df.iloc[:count].reset_index(drop=True)
     rows = rows.assign(mask=rows[column])
-    pairs = list(pipeline.decoded_dataset(rows, cfg.data.image_size, cache=False))
+    pairs = list(pipeline.decoded_dataset(
+        rows, cfg.data.image_size, cache=False, color_constancy=cfg.data.color_constancy
+    ))
     images = np.stack([p[0].numpy() for p in pairs]).astype(np.float32)
     masks = np.stack([p[1].numpy() for p in pairs]).astype(np.float32)
     if cfg.data.crop_size:

@@ -33,6 +33,7 @@ from lesionkeras.errors import ConfigError, DataError, LesionKerasError
 from lesionkeras.trainers import baseline, finetune, meta
 from lesionkeras.trainers import segan
 from lesionkeras.trainers import smile
+from lesionkeras.trainers import unet34
 
 # A trainer module provides `build(cfg[, steps_per_epoch])` and may provide
 # `load_manifest(cfg)` (its own data sources, or None), `prepare_manifest(cfg, df)`
@@ -40,13 +41,14 @@ from lesionkeras.trainers import smile
 # and `callbacks(cfg[, train_df=, mean=, std=])` (its own callbacks, run before the
 # checkpoint and log writers).
 # `stages(cfg, train_df, mean, std)` (several `(dataset, epochs, learning_rate or None)`
-# fits in a row, epochs numbered on) replaces `train_dataset`.
+# fits in a row, epochs numbered on) replaces `train_dataset`; a stage may add a 4th item,
+# `setup(model)`, run in the strategy scope before it (e.g. freeze layers and recompile).
 # `val_dataset(cfg, val_df, mean, std, batch_size)` builds its own validation batches.
 # `after_fit(cfg, best_model, val_ds, log)` -> (cfg, model) runs on the best checkpoint
 # before the final validation (e.g. a threshold search stored in config.toml).
 TRAINERS = {
     "baseline": baseline, "meta": meta, "image-reweight": meta, "finetune": finetune,
-    "segan": segan, "smile": smile, "multiclass": smile,
+    "segan": segan, "smile": smile, "multiclass": smile, "unet34": unet34,
 }
 
 
@@ -177,8 +179,12 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
     train_df = df[df["split"] == "train"].reset_index(drop=True)
     val_df = df[df["split"] == "val"].reset_index(drop=True)
     d = cfg.data
-    train_dec = pipeline.decoded_dataset(train_df, d.image_size, cache=d.cache)
-    val_dec = pipeline.decoded_dataset(val_df, d.image_size, cache=d.cache) if len(val_df) else None
+    train_dec = pipeline.decoded_dataset(
+        train_df, d.image_size, cache=d.cache, color_constancy=d.color_constancy
+    )
+    val_dec = pipeline.decoded_dataset(
+        val_df, d.image_size, cache=d.cache, color_constancy=d.color_constancy
+    ) if len(val_df) else None
     if d.mean and d.std:
         mean, std = d.mean, d.std
     elif d.normalize == "imagenet":
@@ -264,7 +270,16 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
         f"precision {policy}"
     )
     epochs_run = done = 0
-    for i, (stage_ds, epochs, lr) in enumerate(stages or [(train_ds, cfg.train.epochs, None)]):
+    all_stages = stages or [(train_ds, cfg.train.epochs, None)]
+    resume_epoch = _backup_epoch(run_dir / "backup")
+    for i, (stage_ds, epochs, lr, *setup) in enumerate(all_stages):
+        if setup:
+            if resume_epoch is not None and done + epochs <= resume_epoch and i + 1 < len(all_stages):
+                done += epochs  # finished before the interruption
+                continue
+            with strategy.scope():
+                setup[0](model)
+            _carry_backup_into_stage(model, run_dir / "backup", done)
         stage_callbacks = callbacks
         if i:
             # A TensorBoard callback closes its writers at the end of a fit.
@@ -316,6 +331,52 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
     return FitResult(run_dir, metrics, epochs_run, warnings)
 
 
+def fit_folds(cfg, folds, *, verbose=1, log=print, extra_callbacks=()) -> FitResult:
+    """Trains `folds` models on a K-fold split of the training data, one per fold.
+
+    Fold i validates on the i-th part and trains on the others; each keeps its
+    best-validation-Dice checkpoint in `RUN/fold{i}/` (a complete run
+    directory). `RUN/summary.json` holds every fold's validation metrics and
+    their mean; `evaluate`/`predict` on `RUN` average the folds (the Ensemble of
+    Guth & deCampos 2018, section 3.5).
+
+    Args:
+        cfg: `Config`. `data.folds`/`data.fold` are set per fold.
+        folds: int. K >= 2.
+        verbose: int. Keras verbosity. log: callable. Where status lines go.
+        extra_callbacks: sequence of `keras.callbacks.Callback`, given to every fold.
+
+    Returns:
+        `FitResult` of `RUN` with the mean validation metrics over the folds.
+
+    Raises:
+        ConfigError: K < 2, a fixed validation list, or a non-empty `RUN`.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ConfigError(f"`--folds` must be an integer >= 2. Received: {folds!r}")
+    if cfg.data.val_list:
+        raise ConfigError("`--folds` makes its own validation splits; drop `data.val_list`")
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"{run_dir}: run directory exists and is not empty (choose another --out)"
+        )
+    results = []
+    for i in range(folds):
+        log(f"fold {i + 1} of {folds}")
+        fold_cfg = cfg.override(
+            {"out": str(run_dir / f"fold{i}"), "data.folds": folds, "data.fold": i}
+        )
+        results.append(fit(fold_cfg, verbose=verbose, log=log, extra_callbacks=extra_callbacks))
+    per_fold = {f"fold{i}": r.metrics for i, r in enumerate(results)}
+    keys = [k for k in results[0].metrics if all(k in r.metrics for r in results)]
+    mean = {k: float(np.mean([r.metrics[k] for r in results])) for k in keys}
+    (run_dir / "summary.json").write_text(
+        json.dumps({"folds": folds, "mean": mean, "per_fold": per_fold}, indent=2) + "\n"
+    )
+    return FitResult(run_dir, mean, sum(r.epochs_run for r in results), results[0].warnings)
+
+
 def _trainer_callbacks(trainer, cfg, **data):
     """`trainer.callbacks(cfg)`, also given those of `train_df`/`mean`/`std` it takes."""
     import inspect
@@ -324,6 +385,30 @@ def _trainer_callbacks(trainer, cfg, **data):
         return []
     params = inspect.signature(trainer.callbacks).parameters
     return trainer.callbacks(cfg, **{k: v for k, v in data.items() if k in params})
+
+
+def _backup_epoch(backup_dir: Path):
+    """The epoch count recorded by `BackupAndRestore` in `backup_dir`, or None."""
+    meta = backup_dir / "training_metadata.json"
+    if not meta.exists():
+        return None
+    return int(json.loads(meta.read_text())["epoch"])
+
+
+def _carry_backup_into_stage(model, backup_dir: Path, done: int):
+    """Loads a backup taken at the end of the previous stage without its optimizer.
+
+    A stage's `setup` may recompile the model, so the backup's optimizer slots
+    no longer match; the model weights are loaded (a no-op unless resuming at a
+    stage boundary) and the backup is removed so `BackupAndRestore` starts afresh.
+    """
+    weights = backup_dir / "latest.weights.h5"
+    if _backup_epoch(backup_dir) != done or not weights.exists():
+        return
+    model.load_weights(weights, objects_to_skip=[model.optimizer])
+    for name in ("latest.weights.h5", "training_metadata.json"):
+        for path in (backup_dir / name, backup_dir / f"{name}.bkp"):
+            path.unlink(missing_ok=True)
 
 
 class _SetLearningRate(keras.callbacks.Callback):
