@@ -60,7 +60,9 @@ def test_cli_lr_find_on_tiny_unet(tmp_path):
     assert "suggested learning rate:" in res.output
     table = pd.read_csv(out / "lr_find.csv")
     assert list(table.columns) == ["learning_rate", "loss", "smoothed_loss"]
-    assert 1 <= len(table) <= 8 and table["learning_rate"].iloc[0] == pytest.approx(1e-5)
+    # The ramp may stop early on divergence, but never runs past --steps.
+    assert len(table) in range(1, 9)
+    assert table["learning_rate"].iloc[0] == pytest.approx(1e-5)
     assert (out / "lr_find.png").exists()
 
 
