@@ -1,7 +1,8 @@
 """`--method baseline`: plain supervised training of a registered model.
 
 Standard Keras: the model is compiled with a loss and the per-image metrics;
-nothing overrides `train_step`.
+nothing overrides `train_step`. With `meta.simulate_noise` it trains on
+simulated noisy masks (the noisy-mask baseline, see `prepare_manifest`).
 """
 
 import keras
@@ -34,7 +35,10 @@ def model_options(model_cfg, name=None):
     """The `[model]` options that the builder `name` (default: `model_cfg.name`) accepts."""
     opts = {
         k: getattr(model_cfg, k)
-        for k in ("depth", "filters", "batch_norm", "dropout", "upsampling", "encoder_weights")
+        for k in (
+            "depth", "filters", "batch_norm", "dropout", "upsampling", "encoder_weights",
+            "encoder_filters",
+        )
     }
     return registry.accepted_options(name or model_cfg.name or "unet", opts)
 
@@ -67,3 +71,18 @@ def build(cfg, steps_per_epoch=None):
         jit_compile=jit_option(cfg.train),
     )
     return model
+
+
+def prepare_manifest(cfg, df):
+    """The noisy-mask baseline: with `meta.simulate_noise`, train on the simulated masks.
+
+    All training images but `meta.clean_count` get the simulated noisy mask
+    (the same masks, cache and seed as `method = "meta"`), and every training
+    image counts equally: the baseline that reweighting and fine-tuning are
+    compared with. Without `meta.simulate_noise` the manifest is unchanged.
+    """
+    if not cfg.meta.simulate_noise:
+        return df
+    from lesionkeras.trainers import meta  # meta builds on this module
+
+    return meta.simulate_noise(df, cfg.meta.simulate_noise, cfg.meta.clean_count, cfg.seed)

@@ -93,7 +93,9 @@ class MetaReweighter(keras.Model):
 
     Args:
         network: keras.Model. Images (B, H, W, 3) -> logits (B, H, W, 1).
-        meta_grad: str. `"nested"` (reference) or `"forward"`. Defaults to `"nested"`.
+        meta_grad: str. `"nested"` (reference) or `"forward"`. Defaults to `"nested"`;
+            the config (`meta.meta_grad`) defaults to `"forward"`, which gives the
+            same weights faster.
         granularity: str. `"pixel"` (one weight per pixel, Mirikharaji et al.
             2019) or `"image"` (one weight per image on its mean pixel loss,
             Ren et al. 2018). Defaults to `"pixel"`.

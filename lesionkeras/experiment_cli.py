@@ -1,0 +1,126 @@
+"""Commands behind `bin/noise-table` and `bin/clean-size-curve` (see `experiments`)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from lesionkeras import config as config_lib
+from lesionkeras.cli import _quiet_tensorflow_import, handle_errors
+
+# Flag -> dotted config key, shared by both commands.
+SHARED_FLAGS = {
+    "data": "data.source", "image_size": "data.image_size", "limit": "data.limit",
+    "val_fraction": "data.val_fraction", "epochs": "train.epochs",
+    "batch_size": "train.batch_size", "lr": "train.lr", "seed": "seed",
+    "filters": "model.filters", "clean_batch_size": "meta.clean_batch_size",
+    "finetune_epochs": "meta.finetune_epochs", "meta_grad": "meta.meta_grad",
+}
+
+
+def _shared_options(fn):
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                     help="TOML config shared by every run; flags override its keys."),
+        click.option("--out", required=True, help="Folder of the runs and the table files."),
+        click.option("--data", default=None, help="Data folder (default: synthetic)."),
+        click.option("--image-size", type=click.IntRange(min=16), default=None),
+        click.option("--limit", type=click.IntRange(min=0), default=None),
+        click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     default=None),
+        click.option("--epochs", type=click.IntRange(min=1), default=None,
+                     help="Epochs of every run (finetune: of its noisy stage)."),
+        click.option("--finetune-epochs", type=click.IntRange(min=1), default=None,
+                     help="finetune: epochs of the clean stage."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Batch size (meta: noisy images per step)."),
+        click.option("--clean-batch-size", type=click.IntRange(min=1), default=None),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None),
+        click.option("--filters", type=click.IntRange(min=1), default=None),
+        click.option("--meta-grad", type=click.Choice(["nested", "forward"]), default=None),
+        click.option("--seed", type=int, default=None),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _base_config(config_file, flags):
+    overrides = {SHARED_FLAGS[k]: v for k, v in flags.items() if k in SHARED_FLAGS and v is not None}
+    # The runs report their validation Dice; progress is one line per epoch.
+    overrides["train.progress"] = False
+    return config_lib.load_config(config_file, overrides)
+
+
+def _run(fn, out, name):
+    try:
+        df = fn()
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; run the same command again to continue ({out})", err=True)
+        sys.exit(130)
+    from lesionkeras.experiments import _markdown
+
+    click.echo(_markdown(df))
+    click.echo(f"wrote {out}/{name}.csv, .md, .png")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@_shared_options
+@click.option("--levels", default="7-vertex,4-axis,3-vertex,maximal",
+              help="Comma-separated noise levels.")
+@click.option("--clean-count", type=click.IntRange(min=1), default=100,
+              help="Clean training images (paper: 100).")
+@handle_errors
+def noise_table(config_file, out, levels, clean_count, **flags):
+    """Table 1 of Mirikharaji et al. 2019: fine-tuning vs meta-reweighting per noise level.
+
+    Trains the supervised baseline, then for each level the baseline on the noisy
+    masks, fine-tuning and meta-reweighting; writes OUT/noise_table.{csv,md,png}.
+    Run the same command again to continue an interrupted table.
+    """
+    from lesionkeras.data import noise
+
+    chosen = [s.strip() for s in levels.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in noise.LEVELS]
+    if unknown or not chosen:
+        raise click.BadParameter(
+            f"unknown noise level {unknown[0] if unknown else '(none given)'}; "
+            f"choose from {', '.join(noise.LEVELS)}", param_hint="--levels",
+        )
+    cfg = _base_config(config_file, flags)
+    _quiet_tensorflow_import()
+    from lesionkeras import experiments
+
+    _run(lambda: experiments.noise_table(cfg, out, levels=chosen, clean_count=clean_count,
+                                         log=click.echo), out, "noise_table")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@_shared_options
+@click.option("--sizes", default="10,25,50,100", help="Comma-separated clean-set sizes.")
+@click.option("--level", type=click.Choice(["7-vertex", "3-vertex", "4-axis", "maximal"]),
+              default="3-vertex", help="Noise of the other training images.")
+@click.option("--methods", default="finetune,image-reweight,meta",
+              help="Comma-separated methods (finetune, image-reweight, meta).")
+@handle_errors
+def clean_size_curve(config_file, out, sizes, level, methods, **flags):
+    """Fig. 2 of Mirikharaji et al. 2019: Dice against the number of clean images.
+
+    Writes OUT/clean_size_curve.{csv,md,png}; run again to continue.
+    """
+    sizes = config_lib.parse_int_list(sizes, "--sizes")
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in ("finetune", "image-reweight", "meta")]
+    if bad or not chosen or not sizes:
+        raise click.BadParameter(
+            f"expected comma-separated finetune, image-reweight, meta; got {methods!r}",
+            param_hint="--methods",
+        )
+    cfg = _base_config(config_file, flags)
+    _quiet_tensorflow_import()
+    from lesionkeras import experiments
+
+    _run(lambda: experiments.clean_size_curve(cfg, out, sizes=sizes, level=level,
+                                              methods=chosen, log=click.echo),
+         out, "clean_size_curve")
