@@ -121,6 +121,38 @@ def soft_dice_loss(y_true, probs, smooth=1.0):
     return ops.mean(1.0 - dice, axis=-1)
 
 
+def hard_mining_dice_loss(y_true, probs, count=5, smooth=1.0):
+    """Mean soft-Dice loss of the `count` worst images of the batch.
+
+    The hard-mining auxiliary loss of Xue et al.'s ISIC 2018 report: rank
+    the images by `1 - soft Dice` and back-propagate only through the
+    `count` highest (all of them when the batch is smaller).
+
+    Args:
+        y_true: Target masks, shape `(B, H, W, K)`, values in [0, 1].
+        probs: Predicted probabilities (post-sigmoid), same shape.
+        count: int >= 1. Images kept. Defaults to 5 (the report).
+        smooth: float > 0. As in `soft_dice_loss`. Defaults to 1.0.
+
+    Returns:
+        float32 scalar.
+
+    Raises:
+        ValueError: If the shapes differ, `count < 1` or `smooth <= 0`.
+
+    Example:
+        t = np.ones((3, 2, 2, 1), "float32")
+        hard_mining_dice_loss(t, t * [[[[1.0]]], [[[0.5]]], [[[0.0]]]], count=2)
+    """
+    if isinstance(count, bool) or int(count) != count or count < 1:
+        raise ValueError(f"`count` must be an integer >= 1. Received: count={count!r}")
+    per_image = soft_dice_loss(y_true, probs, smooth)
+    k = ops.minimum(int(count), ops.shape(per_image)[0])
+    worst = ops.sort(per_image)[::-1]
+    kept = ops.cast(ops.arange(ops.shape(per_image)[0]) < k, "float32")
+    return ops.sum(worst * kept) / ops.cast(k, "float32")
+
+
 def soft_jaccard_loss(y_true, probs, smooth=1.0):
     """Per-image soft Jaccard (IoU) loss, averaged over channels.
 
@@ -463,6 +495,111 @@ class SmileLoss(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         return pixel_binary_crossentropy(y_true, y_pred)
+
+
+# --------------------------------------------------------------------------
+# The (K+1)-way softmax baseline of SMILE (`--method multiclass`)
+# --------------------------------------------------------------------------
+
+
+def _priorities(k, container):
+    """Label priority of each structure: later listed wins; the container loses to all."""
+    import numpy as np
+
+    rank = np.arange(2, k + 2, dtype="float32")
+    if container is not None:
+        rank[int(container)] = 1.0
+    return rank
+
+
+def multiclass_labels(masks, container=None):
+    """One class per pixel from K (possibly overlapping) binary masks.
+
+    Class 0 is background; class k + 1 is structure k. A pixel inside several
+    structures takes the one listed last, except that the `container` (the
+    lesion, which encloses the attributes) loses to every other structure, so
+    an attribute pixel is labelled with the attribute. Structures that were
+    not annotated have all-zero masks and so count as background: this is the
+    naive baseline SMILE is compared with.
+
+    Args:
+        masks: `(..., H, W, K)` targets in {0, 1}.
+        container: int or None. Channel of the enclosing structure.
+
+    Returns:
+        int32 `(..., H, W)` labels in [0, K].
+
+    Example:
+        multiclass_labels(np.array([[[[1, 1, 0]]]]), container=0)  # [[[2]]]
+    """
+    m = as_float32(masks)
+    k = m.shape[-1]
+    ranked = m * ops.convert_to_tensor(_priorities(k, container))
+    winner = ops.cast(ops.argmax(ranked, axis=-1), "int32") + 1
+    return ops.where(ops.max(m, axis=-1) > 0.5, winner, ops.zeros_like(winner))
+
+
+def multiclass_probabilities(logits, container=None):
+    """Per-structure probabilities `(..., K)` from (K+1)-way softmax logits.
+
+    Structure k's probability is that of class k + 1, except the container's,
+    which is `1 - p(background)`: every other structure lies inside it (the
+    inverse of the labelling rule of `multiclass_labels`).
+
+    Args:
+        logits: `(..., H, W, K + 1)`; channel 0 is background.
+        container: int or None. Channel (among the K structures) of the container.
+
+    Returns:
+        float32 `(..., H, W, K)` probabilities in [0, 1].
+    """
+    p = ops.softmax(as_float32(logits), axis=-1)
+    probs = p[..., 1:]
+    if container is None:
+        return probs
+    k = probs.shape[-1]
+    is_c = ops.convert_to_tensor(
+        [1.0 if i == int(container) else 0.0 for i in range(k)], dtype="float32"
+    )
+    return probs * (1.0 - is_c) + (1.0 - p[..., :1]) * is_c
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class MulticlassLoss(keras.losses.Loss):
+    """Softmax cross-entropy over K structures + background, from K binary masks.
+
+    `y_true` holds the K structure masks (as for SMILE); they become one label
+    per pixel with `multiclass_labels`. `y_pred` are K + 1 logits. The mean
+    over pixels (Petit, Thome et al. 2018, the baseline of their Table 1).
+
+    Args:
+        container: int or None. See `multiclass_labels`. Defaults to None.
+        name: Loss name.
+
+    Example:
+        model.compile(optimizer="adam", loss=MulticlassLoss(container=0))
+    """
+
+    def __init__(self, container=None, reduction="sum_over_batch_size",
+                 name="multiclass_loss", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.container = None if container is None else int(container)
+
+    def call(self, y_true, y_pred):
+        y_true = as_float32(y_true)
+        y_pred = as_float32(y_pred)
+        if y_true.shape[-1] is not None and y_pred.shape[-1] is not None and (
+            y_pred.shape[-1] != y_true.shape[-1] + 1
+        ):
+            raise ValueError(
+                "multiclass_loss: y_pred needs K + 1 channels for K structures. Received: "
+                f"y_true {tuple(y_true.shape)}, y_pred {tuple(y_pred.shape)}"
+            )
+        labels = multiclass_labels(y_true, self.container)
+        return ops.sparse_categorical_crossentropy(labels, y_pred, from_logits=True)
+
+    def get_config(self):
+        return {**super().get_config(), "container": self.container}
 
 
 # --------------------------------------------------------------------------

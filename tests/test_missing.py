@@ -228,3 +228,96 @@ def test_nested_rule_for_attributes_inside_the_lesion():
     # Nothing annotated: nothing is known.
     t, w = missing.nested_targets_and_weights(np.zeros_like(masks), np.zeros((1, 3)), 0)
     assert w.numpy().sum() == 0 and t.numpy().sum() == 0
+
+
+# --------------------------------------------------------------------------- #
+# Volumes
+# --------------------------------------------------------------------------- #
+
+
+def _write_volumes(root, count=3, depth=4, size=32):
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for v in range(count):
+        img = rng.normal(100.0, 30.0, size=(depth, size, size, 1)).astype("float32")  # CT-like
+        liver = np.zeros((depth, size, size), "uint8")
+        liver[:, 4:20, 4:20] = 1
+        img[liver > 0] += 200
+        pancreas = np.zeros((depth, size, size, 1), "uint8")
+        pancreas[:, 22:28, 22:28] = 1
+        np.save(root / f"v{v}.npy", img)
+        np.save(root / f"v{v}_liver.npy", liver)
+        np.save(root / f"v{v}_pancreas.npy", pancreas)
+        rows.append({"id": f"v{v}", "image": f"v{v}.npy", "attr_liver": f"v{v}_liver.npy",
+                     # Volume 2: pancreas not annotated (no file).
+                     "attr_pancreas": f"v{v}_pancreas.npy" if v < 2 else ""})
+    pd.DataFrame(rows).to_csv(root / "volumes.csv", index=False)
+    return root / "volumes.csv"
+
+
+def test_slice_volumes_share_flags_and_split_per_volume(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lesionkeras.data import missing
+
+    csv = _write_volumes(tmp_path)
+    assert missing.is_volume_manifest(csv)
+    df = missing.slice_volumes(csv, ("liver", "pancreas"), tmp_path / "slices")
+    assert len(df) == 12 and list(df["id"][:2]) == ["v0_0000", "v0_0001"]
+    df = missing.annotate(df, ("liver", "pancreas"))
+    assert df.groupby("volume")["annotated_pancreas"].all().to_dict() == {
+        "v0": True, "v1": True, "v2": False}
+    # Scaled to 0-255 per volume (not per slice), grey replicated to RGB.
+    vol = np.stack([np.asarray(Image.open(p)) for p in df["image"][:4]])
+    assert vol.shape == (4, 32, 32, 3) and vol.min() == 0 and vol.max() == 255
+    assert (vol[..., 0] == vol[..., 2]).all()
+    liver = np.asarray(Image.open(df["attr_liver"][5]))
+    assert liver[10, 10] == 255 and liver[30, 30] == 0
+    split = missing.split_by_volume(df, 0.34, seed=0)
+    assert (split.groupby("volume")["split"].nunique() == 1).all()
+    assert (split.drop_duplicates("volume")["split"] == "val").sum() == 1
+    dropped = missing.drop_annotations_by_volume(df, ("liver",), 0.67, seed=1)
+    per_volume = dropped.groupby("volume")["dropped_liver"]
+    assert (per_volume.nunique() == 1).all() and per_volume.first().sum() == 2
+
+
+def test_bad_volume_names_file(tmp_path):
+    import numpy as np
+    import pytest
+
+    from lesionkeras.data import missing
+    from lesionkeras.errors import DataError
+
+    csv = _write_volumes(tmp_path, count=1)
+    np.save(tmp_path / "v0_liver.npy", np.zeros((4, 16, 16), "uint8"))
+    with pytest.raises(DataError, match="v0_liver.npy: liver mask volume has shape"):
+        missing.slice_volumes(csv, ("liver", "pancreas"), tmp_path / "s")
+
+
+def test_fit_smile_on_volumes(tmp_path):
+    import math
+
+    from click.testing import CliRunner
+
+    from lesionkeras.cli import main
+
+    csv = _write_volumes(tmp_path)
+    out = CliRunner().invoke(main, [
+        "fit", "--method", "smile", "--data", str(csv), "--structures", "liver,pancreas",
+        "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--model", "unet",
+        "--filters", "8", "--depth", "2", "--val-fraction", "0.34", "--no-progress",
+        "--out", str(tmp_path / "run"),
+    ])
+    assert out.exit_code == 0, out.output
+    assert "per-structure dice: liver" in out.output
+    assert f"tensorboard --logdir {tmp_path / 'run' / 'tensorboard'}" in out.output
+    import pandas as pd
+
+    ann = pd.read_csv(tmp_path / "run" / "annotations.csv")
+    assert len(ann) == 8  # two training volumes of 4 slices
+    line = [l for l in out.output.splitlines() if l.startswith("per-structure")][0]
+    assert all(math.isfinite(float(p.split()[-1])) for p in line.split(": ")[1].split(", "))

@@ -112,3 +112,294 @@ def test_fit_smile_end_to_end(tmp_path):
     assert ann[0].startswith("id,annotated_lesion") and "dropped_streaks" in ann[0]
     model = keras.saving.load_model(result.run_dir / "model.keras")
     assert model.output_shape[-1] == len(names)
+    # evaluate: one row per structure, scored with the sigmoid heads.
+    from lesionkeras import inference
+    from lesionkeras.data import sources
+
+    predictor = inference.load_predictor(result.run_dir)
+    assert predictor.structures == tuple(names)
+    df = sources.load_manifest("synthetic", limit=3, synthetic_count=16, synthetic_size=32)
+    per_image, summary = inference.evaluate(predictor, df)
+    assert list(summary["structures"]) == names
+    assert summary["dice"] == pytest.approx(
+        np.mean([v["dice"] for v in summary["structures"].values() if v["images"]]))
+    assert per_image.shape[0] == 3 and f"dice_{names[-1]}" in per_image
+    lines = inference.format_summary(summary).splitlines()
+    assert len(lines) == len(names) + 2 and lines[-1].startswith("mean")
+
+
+# --------------------------------------------------------------------------- #
+# The (K+1)-way softmax baseline (`--method multiclass`)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    "pixel, container, label",
+    [
+        ((0, 0, 0), 0, 0),      # nothing: background
+        ((1, 0, 0), 0, 1),      # lesion only
+        ((1, 1, 0), 0, 2),      # attribute inside the lesion: the attribute
+        ((1, 1, 1), 0, 3),      # two attributes: the one listed last
+        ((0, 1, 1), None, 3),   # no container: the one listed last
+        ((1, 1, 0), None, 2),
+        ((1, 1, 0), 1, 1),      # container 1 loses to structure 0
+    ],
+)
+def test_multiclass_labels_rule(pixel, container, label):
+    masks = np.asarray(pixel, "float32").reshape(1, 1, 1, 3)
+    assert int(losses.multiclass_labels(masks, container)[0, 0, 0]) == label
+
+
+def test_multiclass_probabilities_and_loss_golden():
+    logits = np.log(np.asarray([0.1, 0.6, 0.2, 0.1], "float32")).reshape(1, 1, 1, 4)
+    p = np.asarray(losses.multiclass_probabilities(logits, container=0))[0, 0, 0]
+    np.testing.assert_allclose(p, [0.9, 0.2, 0.1], atol=1e-6)
+    p = np.asarray(losses.multiclass_probabilities(logits))[0, 0, 0]
+    np.testing.assert_allclose(p, [0.6, 0.2, 0.1], atol=1e-6)
+    # Lesion + structure 1: label 2, loss -log 0.2; nothing: label 0, -log 0.1.
+    y = np.asarray([[1, 1, 0], [0, 0, 0]], "float32").reshape(1, 1, 2, 3)
+    x = np.concatenate([logits, logits], axis=2)
+    got = float(losses.MulticlassLoss(container=0)(y, x))
+    assert got == pytest.approx((-math.log(0.2) - math.log(0.1)) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="K \\+ 1 channels"):
+        losses.MulticlassLoss()(y, x[..., :3])
+    assert losses.MulticlassLoss.from_config(losses.MulticlassLoss(2).get_config()).container == 2
+
+
+def test_softmax_structure_score_matches_sigmoid_dice():
+    from lesionkeras import metrics
+
+    y = np.zeros((1, 4, 4, 2), "float32")
+    y[0, :2, :, 0] = 1  # lesion: top half
+    y[0, :2, :2, 1] = 1  # attribute: top-left quarter, inside
+    labels = np.asarray(losses.multiclass_labels(y, 0))
+    logits = 10.0 * np.eye(3, dtype="float32")[labels]  # a perfect softmax
+    for k in range(2):
+        m = metrics.SoftmaxStructureScore("dice", container=0, class_id=k, name=f"d{k}")
+        m.update_state(y, logits)
+        assert float(m.result()) == pytest.approx(1.0)
+    logits[0, :, :, 2] = -10.0  # the attribute is never predicted
+    m = metrics.SoftmaxStructureScore("dice", container=0, class_id=1, name="d1")
+    m.update_state(y, logits)
+    assert float(m.result()) == pytest.approx(0.0, abs=1e-6)
+
+
+def _tiny_cfg(tmp_path, method, **extra):
+    from lesionkeras import config as config_lib
+
+    return config_lib.load_config("configs/smile.toml", {
+        "method": method, "out": str(tmp_path / method), "data.image_size": 32,
+        "data.synthetic_count": 16, "train.epochs": 1, "train.batch_size": 4,
+        "model.name": "unet", "model.filters": 8, "model.depth": 2,
+        "train.progress": False, "train.image_every": 1, "smile.structures": "lesion,globules,streaks",
+        **extra,
+    })
+
+
+def test_multiclass_fit_evaluate_predict(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from lesionkeras.cli import main
+    from lesionkeras.trainers import run
+
+    result = run.fit(_tiny_cfg(tmp_path, "multiclass"), verbose=0, log=lambda *_: None)
+    model = keras.saving.load_model(result.run_dir / "model.keras")
+    assert model.output_shape[-1] == 4  # background + 3 structures
+    assert model.loss.__class__.__name__ == "MulticlassLoss" and model.loss.container == 0
+    for key in ("dice", "dice_lesion", "dice_globules", "dice_streaks", "loss"):
+        assert math.isfinite(result.metrics[key]), key
+
+    runner = CliRunner()
+    out = runner.invoke(main, ["evaluate", str(result.run_dir), "--limit", "5",
+                               "--out", str(tmp_path / "eval")])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    rows = {l.split()[0]: l.split() for l in lines if l.split() and l.split()[0] in
+            ("lesion", "globules", "streaks", "mean")}
+    assert set(rows) == {"lesion", "globules", "streaks", "mean"}
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["structures"]["lesion"]["images"] == 5
+    assert 0.0 <= summary["structures"]["lesion"]["dice"] <= 1.0
+    assert float(rows["lesion"][1]) == pytest.approx(summary["structures"]["lesion"]["dice"], abs=1e-4)
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((40, 48, 3), 120, np.uint8)).save(images / "a.png")
+    out = runner.invoke(main, ["predict", str(result.run_dir), str(images), "--out",
+                               str(tmp_path / "pred")])
+    assert out.exit_code == 0, out.output
+    written = sorted(p.name for p in (tmp_path / "pred").iterdir())
+    assert written == ["a_globules.png", "a_lesion.png", "a_streaks.png"]
+    mask = np.asarray(Image.open(tmp_path / "pred" / "a_lesion.png"))
+    assert mask.shape == (40, 48) and set(np.unique(mask)) <= {0, 255}
+
+
+# --------------------------------------------------------------------------- #
+# SMILEr relabelling
+# --------------------------------------------------------------------------- #
+
+
+def test_relabel_adds_top_fraction_only_on_unknown_pixels_of_missing_structures():
+    from lesionkeras.data import missing
+
+    flags = np.asarray([[1, 0]], "float32")  # structure 0 annotated, 1 not
+    w = np.ones((1, 4, 4, 2), "float32")
+    w[0, :, :, 1] = 0
+    w[0, 0, :, 1] = 1  # row 0 is known (negative) for structure 1
+    scores = np.full((1, 4, 4, 2), 0.9, "float32")
+    scores[0, 1, :, 1] = [0.95, 0.6, 0.7, 0.8]
+    scores[0, 2, :, 1] = [0.1, 0.2, 0.3, 0.4]  # predicted negative: never added
+    # Candidates of structure 1: rows 1 and 3 (8 pixels). gamma 0.5 -> 4 of them.
+    added = missing.relabel(w, flags, scores, 0.5)
+    assert added[..., 0].sum() == 0  # annotated: untouched
+    assert added[0, 0, :, 1].sum() == 0 and added[0, 2, :, 1].sum() == 0
+    assert added[..., 1].sum() == 4
+    # Highest scores first: 0.95 and the four 0.9 of row 3 tie; 0.6-0.8 are left.
+    assert added[0, 1, 0, 1] and not added[0, 1, 1:, 1].any()
+    assert missing.relabel(w, flags, scores, 1.0)[..., 1].sum() == 8
+    assert missing.relabel(w, flags, scores, 0.0).sum() == 0
+    # MC-dropout: lowest standard deviation first.
+    sd = np.ones_like(scores)
+    sd[0, 1, 1, 1] = sd[0, 1, 2, 1] = 0.01
+    added = missing.relabel(w, flags, scores, 0.25, std=sd)
+    assert added.sum() == 2 and added[0, 1, 1, 1] and added[0, 1, 2, 1]
+    with pytest.raises(Exception, match="gamma"):
+        missing.relabel(w, flags, scores, 1.5)
+
+
+def test_smiler_single_structure_paper_rule(tmp_path):
+    import pandas as pd
+
+    from lesionkeras.trainers import run
+
+    # K = 1: no container, the paper's weight maps (a non-annotated image is all unknown).
+    cfg = _tiny_cfg(tmp_path, "smile", **{
+        "smile.simulate_missing": 0.5, "smile.relabel_rounds": 1, "smile.relabel_epochs": 1,
+        "train.image_every": 0, "smile.structures": "lesion",
+    })
+    result = run.fit(cfg, verbose=0, log=lambda *_: None)
+    table = pd.read_csv(result.run_dir / "relabel.csv")
+    assert list(table["structure"]) == ["lesion"]
+    # Every added pixel lies in an image whose truth the simulation kept: all scored.
+    assert table["true_positives"][0] + table["false_positives"][0] == table["added"][0]
+
+
+def test_smiler_rounds_record_true_and_false_positives(tmp_path):
+    import pandas as pd
+
+    from lesionkeras.trainers import run
+
+    cfg = _tiny_cfg(tmp_path, "smile", **{
+        "smile.simulate_missing": 0.5, "smile.relabel_rounds": 2, "smile.relabel_epochs": 1,
+        "train.image_every": 0,
+    })
+    lines = []
+    result = run.fit(cfg, verbose=0, log=lines.append)
+    table = pd.read_csv(result.run_dir / "relabel.csv")
+    assert list(table["round"]) == [1, 1, 1, 2, 2, 2]
+    assert list(table["gamma"]) == pytest.approx([0.5] * 3 + [1.0] * 3)
+    assert (table["true_positives"] + table["false_positives"] <= table["added"]).all()
+    # Union over rounds: never fewer labels later.
+    by_round = table.groupby("round")["added"].sum()
+    assert by_round[2] >= by_round[1]
+    assert sum("SMILEr round 2/2" in l and "true /" in l for l in lines) == 1
+    assert len(pd.read_csv(result.run_dir / "history.csv")) == 1 + 2
+    assert (result.run_dir / "smile.keras").exists()
+    assert list((result.run_dir / "tensorboard" / "smiler").iterdir())
+
+
+def test_mc_dropout_relabelling_needs_dropout_model(tmp_path):
+    from click.testing import CliRunner
+
+    from lesionkeras.cli import main
+
+    out = CliRunner().invoke(main, [
+        "fit", "--method", "smile", "--model", "unet", "--relabel-rounds", "1",
+        "--uncertainty", "mc-dropout", "--out", str(tmp_path / "r"), "--limit", "8",
+    ])
+    assert out.exit_code == 2
+    assert "mc-dropout" in out.output and "Traceback" not in out.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_smiler_with_mc_dropout_on_deeplab(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from lesionkeras.models import deeplab
+    from lesionkeras.trainers import run
+
+    calls = []
+    real = deeplab.mc_dropout_predict
+
+    def spy(model, images, samples=10, batch_size=8):
+        mean, std = real(model, images, samples=samples, batch_size=batch_size)
+        calls.append((samples, float(std.max())))
+        return mean, std
+
+    monkeypatch.setattr(deeplab, "mc_dropout_predict", spy)
+    cfg = _tiny_cfg(tmp_path, "smile", **{
+        "model.name": "resnet18_deeplab", "model.dropout": 0.3, "smile.simulate_missing": 0.5,
+        "smile.relabel_rounds": 1, "smile.relabel_epochs": 1, "smile.uncertainty": "mc-dropout",
+        "smile.mc_samples": 3, "train.image_every": 0,
+    })
+    result = run.fit(cfg, verbose=0, log=lambda *_: None)
+    assert calls and calls[0][0] == 3 and calls[0][1] > 0  # dropout active: non-zero std
+    table = pd.read_csv(result.run_dir / "relabel.csv")
+    assert list(table["structure"]) == ["lesion", "globules", "streaks"]
+
+
+def _global_dice(run_dir, cfg):
+    """Dice per structure over all validation pixels (full truth), of a run's model."""
+    from PIL import Image
+
+    from lesionkeras import inference
+    from lesionkeras.data.missing import mask_column
+    from lesionkeras.trainers import run
+
+    df, _ = run.prepare_data(cfg)
+    df = df[df["split"] == "val"].reset_index(drop=True)
+    predictor = inference.load_predictor(run_dir)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in df["image"]]
+    probs = np.stack(predictor.probabilities(images))
+    scores = []
+    for k, s in enumerate(predictor.structures):
+        truth = np.stack([np.asarray(Image.open(p).convert("L")) >= 128
+                          for p in df[mask_column(s)]])
+        pred = probs[..., k] >= 0.5
+        scores.append(2 * (pred & truth).sum() / max(pred.sum() + truth.sum(), 1))
+    return np.asarray(scores)
+
+
+@pytest.mark.slow
+def test_smile_beats_softmax_baseline_at_alpha_07(tmp_path):
+    from lesionkeras.trainers import run
+
+    dice = {}
+    for method in ("multiclass", "smile"):
+        cfg = _tiny_cfg(tmp_path, method, **{
+            "smile.simulate_missing": 0.7, "smile.structures": "lesion,pigment_network",
+            "data.synthetic_count": 48, "train.epochs": 6, "model.depth": 3,
+            "train.image_every": 0, "train.lr": 3e-3, "seed": 0,
+        })
+        run.fit(cfg, verbose=0, log=lambda *_: None)
+        dice[method] = _global_dice(cfg.out, cfg)
+    print({m: d.round(3).tolist() for m, d in dice.items()})
+    assert dice["smile"].mean() > dice["multiclass"].mean() + 0.05
+
+
+def test_relabel_settings_are_checked():
+    from lesionkeras import config as config_lib
+    from lesionkeras.errors import ConfigError
+    from lesionkeras.trainers import smile
+
+    with pytest.raises(ConfigError, match="needs `method = \"smile\"`"):
+        smile._check_relabel(config_lib.load_config(
+            None, {"method": "multiclass", "smile.relabel_rounds": 1}))
+    with pytest.raises(ConfigError, match="gamma_max"):
+        config_lib.load_config(None, {"smile.gamma_max": 1.5})
+    with pytest.raises(ConfigError, match="uncertainty"):
+        config_lib.load_config(None, {"smile.uncertainty": "entropy"})
+    smile._check_relabel(config_lib.load_config(None, {
+        "method": "smile", "smile.relabel_rounds": 2, "smile.uncertainty": "mc-dropout",
+        "model.name": "resnet18_deeplab", "model.dropout": 0.2}))

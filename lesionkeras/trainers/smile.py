@@ -9,11 +9,20 @@ weighted pixels. The maps are computed in the `tf.data` pipeline
 so the model is a plain functional model trained by `model.fit`; its
 checkpoints load and evaluate like any other.
 
-`multiclass` is the naive comparison: the same K sigmoid heads with every
-weight 1, i.e. a structure that was not annotated counts as background.
-(The paper's baseline is a (K+1)-way softmax; the ISIC attributes overlap
-each other and lie inside the lesion, so one label per pixel does not fit
-them, and the K-sigmoid form isolates the effect of the weight maps.)
+`multiclass` is the paper's baseline: one (K+1)-way softmax (background +
+K structures) trained with plain cross-entropy, so a structure that was not
+annotated counts as background. Its labels come from the K masks with
+`losses.multiclass_labels`: a pixel inside several structures takes the one
+listed last in `smile.structures`, except the `smile.container` (the lesion)
+which loses to every other structure, so an attribute pixel is labelled with
+the attribute. The model outputs K + 1 logits (channel 0 = background);
+`losses.multiclass_probabilities` turns them back into K per-structure
+probabilities (the container's is 1 - p(background)) for the metrics,
+`evaluate` and `predict`, so both methods are scored the same way.
+
+SMILEr (`smile.relabel_rounds` > 0) runs after SMILE training through the
+`after_fit` hook (`run_smiler`). A manifest CSV of `.npy` volumes is sliced
+into 2D samples by `load_manifest` (`missing.slice_volumes`).
 """
 
 from __future__ import annotations
@@ -21,11 +30,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from lesionkeras import losses, metrics
+from lesionkeras.errors import ConfigError
 from lesionkeras.data import missing
 from lesionkeras.models import registry
 from lesionkeras.trainers import baseline
+
+
+# An image may lack the lesion (`mask`) file: the lesion is then not annotated,
+# and `missing.annotate` checks the files of every structure.
+REQUIRE_MASKS = False
 
 
 def structures(cfg) -> tuple:
@@ -33,8 +49,22 @@ def structures(cfg) -> tuple:
     return missing.parse_structures(cfg.smile.structures)
 
 
-def structure_metrics(names, threshold=0.5):
-    """Mean Dice/Jaccard/sensitivity/specificity over structures, and Dice per structure."""
+def structure_metrics(names, threshold=0.5, softmax_container=False):
+    """Mean Dice/Jaccard/sensitivity/specificity over structures, and Dice per structure.
+
+    `softmax_container`: False for K sigmoid heads; for the (K+1)-way softmax
+    of `multiclass`, the container channel (int) or None.
+    """
+    if softmax_container is not False:
+        def score(kind, **kw):
+            return metrics.SoftmaxStructureScore(
+                kind, container=softmax_container, threshold=threshold, **kw
+            )
+
+        out = [score(kind, name=kind) for kind in ("dice", "jaccard", "sensitivity", "specificity")]
+        return out + [
+            score("dice", class_id=k, name=f"dice_{name}") for k, name in enumerate(names)
+        ]
     out = [
         metrics.Dice(threshold=threshold, name="dice"),
         metrics.Jaccard(threshold=threshold, name="jaccard"),
@@ -51,29 +81,61 @@ def structure_metrics(names, threshold=0.5):
 def build(cfg, steps_per_epoch=None):
     """The compiled K-head model for `cfg` (call inside the strategy scope)."""
     names = structures(cfg)
+    softmax = cfg.method == "multiclass"
     model = registry.build(
         cfg.model_name,
         input_shape=(None, None, 3),
-        out_channels=len(names),
+        out_channels=len(names) + 1 if softmax else len(names),
         **baseline.model_options(cfg.model, cfg.model_name),
     )
+    container = container_index(cfg, names)
     model.compile(
         optimizer=baseline.make_optimizer(cfg.train, steps_per_epoch),
-        loss=losses.SmileLoss(),
-        metrics=structure_metrics(names, cfg.train.threshold),
+        loss=losses.MulticlassLoss(container) if softmax else losses.SmileLoss(),
+        metrics=structure_metrics(
+            names, cfg.train.threshold, softmax_container=container if softmax else False
+        ),
         jit_compile=baseline.jit_option(cfg.train),
     )
     return model
 
 
+def load_manifest(cfg):
+    """A volume manifest (`.npy` stacks) sliced into 2D samples, else None (the usual sources).
+
+    The slices are written as PNG files below the cache folder
+    (`$LESIONKERAS_CACHE/volumes/<hash of the manifest path>/`), rewritten at every run.
+    """
+    source = cfg.data.source
+    if not missing.is_volume_manifest(source):
+        return None
+    import hashlib
+
+    from lesionkeras.data import synthetic
+
+    key = hashlib.sha1(str(Path(source).resolve()).encode()).hexdigest()[:12]
+    df = missing.slice_volumes(source, structures(cfg), synthetic.cache_root() / "volumes" / key)
+    if cfg.data.limit:
+        df = df.iloc[: cfg.data.limit].reset_index(drop=True)
+    return df
+
+
 def prepare_manifest(cfg, df):
-    """Annotated flags of every structure; simulated missing labels on the training rows."""
+    """Annotated flags of every structure; simulated missing labels on the training rows.
+
+    Slices of volumes (a `volume` column) are split and lose labels per volume.
+    """
+    _check_relabel(cfg)
     names = structures(cfg)
+    volumes = "volume" in df
+    if volumes:
+        df = missing.split_by_volume(df, cfg.data.val_fraction, cfg.seed)
     df = missing.annotate(
         df, names, empty_means_missing=cfg.smile.empty_means_missing, source=cfg.data.source
     )
     if cfg.smile.simulate_missing:
-        df = missing.drop_annotations(
+        drop = missing.drop_annotations_by_volume if volumes else missing.drop_annotations
+        df = drop(
             df, names, cfg.smile.simulate_missing, cfg.seed,
             rows=(df["split"] == "train").to_numpy(),
         )
@@ -100,12 +162,19 @@ def train_dataset(cfg, train_df, mean, std):
     names = structures(cfg)
     _record_annotations(cfg, train_df, names)
     d = cfg.data
-    return missing.make_dataset(
+    return _for_method(cfg, missing.make_dataset(
         missing.decoded_dataset(train_df, names, d.image_size, cache=d.cache),
         batch_size=cfg.train.batch_size, mean=mean, std=std, training=True,
         augment=cfg.augment, crop_size=d.crop_size, seed=cfg.seed,
         with_weights=cfg.method == "smile", container=container_index(cfg, names),
-    )
+    ))
+
+
+def _for_method(cfg, ds):
+    """`multiclass` trains on (image, K masks): its loss builds one label per pixel."""
+    if cfg.method == "multiclass":
+        return ds.map(lambda image, masks, weights: (image, masks))
+    return ds
 
 
 def val_dataset(cfg, val_df, mean, std, batch_size):
@@ -117,11 +186,168 @@ def val_dataset(cfg, val_df, mean, std, batch_size):
         # Annotations removed by `data drop-labels` still score the validation images.
         if f"dropped_{s}" in val_df:
             val_df[f"annotated_{s}"] = val_df[f"annotated_{s}"] | val_df[f"dropped_{s}"].astype(bool)
-    return missing.make_dataset(
+    return _for_method(cfg, missing.make_dataset(
         missing.decoded_dataset(val_df, names, d.image_size, cache=d.cache),
         batch_size=batch_size, mean=mean, std=std, training=False, crop_size=d.crop_size,
         with_weights=cfg.method == "smile", container=container_index(cfg, names),
-    )
+    ))
+
+
+def _check_relabel(cfg):
+    """Bad SMILEr settings, caught before anything is written."""
+    sm = cfg.smile
+    if sm.relabel_rounds and cfg.method != "smile":
+        raise ConfigError(f"`smile.relabel_rounds` (SMILEr) needs `method = \"smile\"`. "
+                          f"Received: method = {cfg.method!r}")
+    if sm.relabel_rounds and sm.uncertainty == "mc-dropout" and not (
+        cfg.model_name.endswith("_deeplab") and cfg.model.dropout > 0
+    ):
+        raise ConfigError(
+            "`smile.uncertainty = \"mc-dropout\"` needs a model with an MC-dropout layer "
+            f"(a resnet*_deeplab with model.dropout > 0). Received: model {cfg.model_name!r}, "
+            f"dropout {cfg.model.dropout}"
+        )
+
+
+def after_fit(cfg, model, val_ds, log, train_df=None, mean=None, std=None):
+    """SMILEr rounds on the best SMILE checkpoint when `smile.relabel_rounds` > 0."""
+    if cfg.method != "smile" or not cfg.smile.relabel_rounds or train_df is None:
+        return cfg, model
+    return cfg, run_smiler(cfg, model, train_df, mean, std, val_ds, log)
+
+
+def _stack(df, names, size):
+    """All rows of `df` as numpy (images uint8, masks float32, flags float32)."""
+    ds = missing.decoded_dataset(df, names, size, cache=False).batch(max(len(df), 1))
+    images, masks, flags = ds.get_single_element()
+    return images.numpy(), masks.numpy().astype(np.float32), flags.numpy()
+
+
+def run_smiler(cfg, model, train_df, mean, std, val_ds=None, log=print):
+    """SMILEr (Petit, Thome et al. 2018, Algorithm 1): T relabelling rounds, warm start.
+
+    Round t = 1..T predicts on the training images, adds for every
+    non-annotated structure the top gamma_t = t / T * gamma_max of its
+    predicted-positive unknown pixels (`missing.relabel`; highest score, or
+    lowest MC-dropout std with `smile.uncertainty = "mc-dropout"`) as positive
+    labels (union with the earlier rounds) and trains `smile.relabel_epochs`
+    more epochs. When the full truth is known (`dropped_<name>` columns of
+    simulated missing labels) the added pixels are counted as true or false
+    positives, the paper's key indicator. Writes, in the run directory:
+    `relabel.csv` (round, gamma, structure, added, true/false positives,
+    val_dice), per-round scalars in `tensorboard/smiler/`, the epochs in
+    `history.csv` and `tensorboard/` (numbered on), `smile.keras` (the SMILE
+    model before relabelling) and `model.keras` (the final SMILEr model).
+
+    Args:
+        cfg: `Config` with `method = "smile"`.
+        model: compiled SMILE model (warm start).
+        train_df: the training rows of the manifest.
+        mean, std: normalisation statistics (0-255 scale).
+        val_ds: validation batches or None.
+        log: callable for status lines.
+
+    Returns:
+        The retrained model.
+    """
+    import pandas as pd
+    import tensorflow as tf
+
+    from lesionkeras.data import pipeline
+    from lesionkeras.data.augment import Augmenter
+    from lesionkeras.models import deeplab
+
+    sm = cfg.smile
+    names = structures(cfg)
+    container = container_index(cfg, names)
+    run_dir = Path(cfg.out)
+    images, masks, flags = _stack(train_df, names, cfg.data.image_size)
+    if container is not None:
+        targets, weights = missing.nested_targets_and_weights(masks, flags, container)
+    else:
+        targets, weights = masks, missing.smile_weights(masks, flags)
+    targets, weights = np.asarray(targets, np.float32), np.asarray(weights, np.float32)
+    # The full truth of labels removed by the simulation, to score the added pixels.
+    known = np.zeros_like(flags, dtype=bool)
+    truth = None
+    if any(f"dropped_{s}" in train_df for s in names):
+        full = train_df.copy()
+        for k, s in enumerate(names):
+            if f"dropped_{s}" in full:
+                dropped = full[f"dropped_{s}"].to_numpy(bool)
+                known[:, k] = dropped & (flags[:, k] <= 0)
+                full[f"annotated_{s}"] = full[f"annotated_{s}"].to_numpy(bool) | dropped
+        truth = _stack(full, names, cfg.data.image_size)[1] > 0.5
+    norm = pipeline.normalizer(mean, std)
+    x = norm(tf.convert_to_tensor(images, tf.float32)).numpy()
+    aug = Augmenter(cfg.augment, seed=cfg.seed)
+    kk = len(names)
+    if (run_dir / "model.keras").exists():
+        (run_dir / "smile.keras").write_bytes((run_dir / "model.keras").read_bytes())
+    done = len(pd.read_csv(run_dir / "history.csv")) if (run_dir / "history.csv").exists() else 0
+    writer = tf.summary.create_file_writer(str(run_dir / "tensorboard" / "smiler"))
+    added = np.zeros_like(weights, dtype=bool)
+    rows = []
+
+    @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors
+    def finish(i, m):
+        i = tf.cast(i, tf.float32)
+        if aug.active:
+            i, m = aug(i, m)
+        return norm(i), m[..., :kk], m[..., kk:]
+    for t in range(1, sm.relabel_rounds + 1):
+        gamma = t / sm.relabel_rounds * sm.gamma_max
+        if sm.uncertainty == "mc-dropout":
+            scores, sd = deeplab.mc_dropout_predict(model, x, samples=sm.mc_samples,
+                                                    batch_size=cfg.train.batch_size)
+        else:
+            logits = model.predict(x, batch_size=cfg.train.batch_size, verbose=0)
+            scores, sd = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float32))), None
+        added |= missing.relabel(weights, flags, scores, gamma, threshold=cfg.train.threshold,
+                                 std=sd)
+        new_t = np.maximum(targets, added).astype(np.float32)
+        new_w = np.maximum(weights, added).astype(np.float32)
+        ds = tf.data.Dataset.from_tensor_slices((images, np.concatenate([new_t, new_w], -1)))
+        ds = ds.shuffle(len(images), seed=cfg.seed + t).batch(
+            cfg.train.batch_size, drop_remainder=len(images) >= cfg.train.batch_size)
+
+        ds = ds.map(finish, num_parallel_calls=pipeline.AUTOTUNE).prefetch(pipeline.AUTOTUNE)
+        model.fit(
+            ds, validation_data=val_ds, initial_epoch=done, epochs=done + sm.relabel_epochs,
+            verbose=2 if cfg.train.progress else 0, shuffle=False,  # shuffled, seeded
+            callbacks=[keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+                       keras.callbacks.TensorBoard(str(run_dir / "tensorboard"))],
+        )
+        done += sm.relabel_epochs
+        val = model.evaluate(val_ds, verbose=0, return_dict=True) if val_ds is not None else {}
+        with writer.as_default(step=t):
+            tf.summary.scalar("smiler/gamma", gamma)
+            tf.summary.scalar("smiler/added_pixels", float(added.sum()))
+            for key, value in val.items():
+                tf.summary.scalar(f"smiler/val_{key}", float(value))
+            for k, s in enumerate(names):
+                row = {"round": t, "gamma": gamma, "structure": s,
+                       "added": int(added[..., k].sum())}
+                if truth is not None and known[:, k].any():
+                    scored = added[..., k] & known[:, None, None, k]
+                    row["true_positives"] = int((scored & truth[..., k]).sum())
+                    row["false_positives"] = int((scored & ~truth[..., k]).sum())
+                    tf.summary.scalar(f"smiler/true_positives_{s}", row["true_positives"])
+                    tf.summary.scalar(f"smiler/false_positives_{s}", row["false_positives"])
+                row["val_dice"] = float(val.get(f"dice_{s}", np.nan))
+                tf.summary.scalar(f"smiler/added_{s}", row["added"])
+                rows.append(row)
+        this = [r for r in rows if r["round"] == t]
+        tp = sum(r.get("true_positives", 0) for r in this)
+        fp = sum(r.get("false_positives", 0) for r in this)
+        scored_note = f", {tp} true / {fp} false positives" if truth is not None else ""
+        log(f"SMILEr round {t}/{sm.relabel_rounds}: gamma {gamma:.2f}, "
+            f"{int(added.sum())} labels added{scored_note}"
+            + (f"; val_dice {val['dice']:.4f}" if "dice" in val else ""))
+    writer.close()
+    pd.DataFrame(rows).to_csv(run_dir / "relabel.csv", index=False)
+    model.save(run_dir / "model.keras")
+    return model
 
 
 def load_model(path):
