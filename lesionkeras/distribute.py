@@ -24,7 +24,9 @@ def resolve_strategy(name="auto"):
     """
     if name not in STRATEGIES:
         raise ConfigError(f"`--strategy` must be one of {', '.join(STRATEGIES)}. Received: {name!r}")
-    gpus = tf.config.list_logical_devices("GPU")
+    # Physical devices: listing logical ones initialises the TensorFlow runtime, after
+    # which MultiWorkerMirroredStrategy can no longer configure its collective ops.
+    gpus = tf.config.list_physical_devices("GPU")
     if name == "auto":
         if _tf_config_workers() > 1:
             name = "multiworker"
@@ -35,7 +37,7 @@ def resolve_strategy(name="auto"):
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        devices = [d.name for d in gpus] or [
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or [
             d.name for d in tf.config.list_logical_devices("CPU")
         ]
         return tf.distribute.MirroredStrategy(devices=devices)

@@ -343,3 +343,87 @@ def test_threshold_search_golden():
     best, scores = search_threshold(_Fixed(logits), [(slice(None), y)], grid=(0.2, 0.35, 0.6))
     assert best == 0.35
     assert scores == pytest.approx({0.2: 2 / 3, 0.35: 1.0, 0.6: 0.5})
+
+
+# ---------------------------------------------------------------------- hard mining (ISIC 2018)
+
+
+def _ones_scaled(*scales):
+    t = np.ones((len(scales), 2, 2, 1), "float32")
+    return t, t * np.asarray(scales, "float32").reshape(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "scales, count, expected",
+    [
+        # Per-image soft-Dice losses (smooth 1) of p = 1, 0.5, 0 on a full 2x2 mask:
+        # 0, 1 - 5/7 = 2/7, 1 - 1/5 = 0.8. The two worst: (0.8 + 2/7) / 2.
+        ((1.0, 0.5, 0.0), 2, (0.8 + 2 / 7) / 2),
+        ((1.0, 0.5, 0.0), 1, 0.8),
+        # Fewer images than `count`: all of them.
+        ((1.0, 0.5, 0.0), 5, (0.0 + 2 / 7 + 0.8) / 3),
+        ((0.0, 1.0), 5, 0.4),
+    ],
+)
+def test_hard_mining_dice_loss_golden(scales, count, expected):
+    t, p = _ones_scaled(*scales)
+    assert float(losses.hard_mining_dice_loss(t, p, count=count)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_hard_mining_dice_loss_bad_input():
+    t, p = _ones_scaled(1.0, 0.5)
+    with pytest.raises(ValueError, match="count=0"):
+        losses.hard_mining_dice_loss(t, p, count=0)
+    with pytest.raises(ValueError, match="shape"):
+        losses.hard_mining_dice_loss(t, p[:, :1], count=2)
+
+
+def test_hard_mining_term_in_the_segmentor_step():
+    model = _trainer(hard_mining_weight=0.5, hard_mining_count=1)
+    x, y = _batch(n=3)
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert logs["hard_mining_loss"] > 0
+    assert logs["loss"] == pytest.approx(
+        logs["adversarial_loss"] + 0.5 * logs["hard_mining_loss"], rel=1e-5
+    )
+    assert "hard_mining_loss" not in _trainer().train_on_batch(x, y, return_dict=True)
+    with pytest.raises(ValueError, match="hard_mining_count=0"):
+        _trainer(hard_mining_weight=1.0, hard_mining_count=0)
+
+
+def test_hard_mining_config_reaches_the_trainer():
+    from lesionkeras.trainers import segan
+
+    cfg = config_lib.load_config(None, {
+        "method": "segan", "model.filters": 4, "model.depth": 2, "segan.critic_filters": 4,
+        "segan.hard_mining_weight": 0.3, "segan.hard_mining_count": 2,
+    })
+    model = segan.build(cfg, steps_per_epoch=1)
+    assert (model.hard_mining_weight, model.hard_mining_count) == (0.3, 2)
+    assert model.get_config()["hard_mining_count"] == 2
+
+
+def test_isic2018_vgg19se_config_builds_the_reports_networks():
+    from lesionkeras.trainers import segan
+    from lesionkeras.trainers.run import _check_sizes
+    from lesionkeras.trainers.stages import check_freeze_encoder
+
+    path = "configs/segan_vgg19se_isic2018.toml"
+    full = config_lib.load_config(path)
+    assert (full.method, full.model_name, full.data.crop_size, full.train.batch_size) == (
+        "segan", "vgg19se", 224, 25
+    )
+    assert (full.train.lr, full.train.schedule, full.train.freeze_encoder_epochs) == (
+        0.001, "linear_decay", 50
+    )
+    assert full.augment.flip and full.augment.rotate90 and full.augment.hue > 0
+    assert full.model.encoder_filters == 64 and full.segan.hard_mining_weight == 0.0
+    _check_sizes(full)  # 224 is a multiple of 32
+    check_freeze_encoder(full)
+    cfg = config_lib.load_config(
+        path, {"model.encoder_filters": 4, "model.filters": 2, "segan.critic_filters": 4}
+    )
+    model = segan.build(cfg, steps_per_epoch=2)
+    assert model.segmentor.name == "vgg19se" and len(model.critic.outputs) == 6
+    assert model.segmentor.get_layer("encoder").get_layer("block5_conv4").filters == 32
+    assert model.segmentor.get_layer("adaptive_logistic") is not None

@@ -228,3 +228,40 @@ def mc_dropout_predict(model, images, samples=10, batch_size=8):
             layer.enabled.assign(0.0)
     stack = np.stack(draws)
     return stack.mean(axis=0), stack.std(axis=0)
+
+
+@register("deeplabv3plus")
+def build_deeplabv3plus(
+    input_shape=(None, None, 3), out_channels=1, encoder_weights=None, filters=16,
+    dropout=0.0, name="deeplabv3plus",
+):
+    """ResNet50-DeepLabV3+ for supervised training (the ISIC 2018 report's ensemble member).
+
+    `build_resnet_deeplab` with a ResNet50 encoder, ASPP and decoder width
+    `16 * filters` (the `[model]` default `filters = 16` gives the paper's
+    256) and no dropout by default: the plain DeepLabV3+ of Chen et al. 2018,
+    which Xue et al. (ISIC 2018) trained with pixel-wise cross-entropy and
+    averaged with their SegAN models.
+
+    Args:
+        input_shape: tuple. (H, W, C); multiples of 32. Defaults to (None, None, 3).
+        out_channels: int. Output logit channels. Defaults to 1.
+        encoder_weights: str. Local ResNet50 `.weights.h5` or keras-hub preset
+            folder; None or "" for random weights. Defaults to None.
+        filters: int. A sixteenth of the ASPP/decoder width. Defaults to 16.
+        dropout: float. Rate of the MC-dropout layer before the head. Defaults to 0.
+        name: str. Model name. Defaults to `"deeplabv3plus"`.
+
+    Returns:
+        A functional `keras.Model` mapping (B, H, W, C) to (B, H, W, K) float32 logits.
+
+    Example:
+
+    >>> model = build_deeplabv3plus((64, 64, 3), filters=1)
+    >>> model.output_shape
+    (None, 64, 64, 1)
+    """
+    return build_resnet_deeplab(
+        input_shape=input_shape, out_channels=out_channels, encoder="resnet50",
+        encoder_weights=encoder_weights, filters=16 * filters, dropout=dropout, name=name,
+    )

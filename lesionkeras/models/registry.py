@@ -62,3 +62,4 @@ def _load_builtin():
     from lesionkeras.models import resnet_unet, unet  # noqa: F401
     from lesionkeras.models import segan  # noqa: F401
     from lesionkeras.models import deeplab  # noqa: F401
+    from lesionkeras.models import vgg_se_unet  # noqa: F401

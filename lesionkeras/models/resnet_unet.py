@@ -79,11 +79,51 @@ def _weights_file(path):
     return path
 
 
-def load_backbone(encoder, input_shape, encoder_weights):
-    """The encoder backbone, with weights from a local file or preset folder.
+def load_hub_backbone(class_name, input_shape, encoder_weights, make_default, label):
+    """A keras-hub backbone with weights from a local `.weights.h5` file or preset folder.
 
     A preset folder's `config.json` decides the architecture (so e.g. a
-    `resnet_vd_34` preset works too); a bare weights file must match `encoder`.
+    `resnet_vd_34` preset works for a ResNet encoder); a bare weights file must
+    match the backbone `make_default()` builds. Shared by every encoder that
+    reads `--encoder-weights`.
+
+    Args:
+        class_name: str. The `keras_hub.models` backbone class of a preset, e.g.
+            `"ResNetBackbone"`.
+        input_shape: tuple. (H, W, C).
+        encoder_weights: str. Local path.
+        make_default: callable. () -> the backbone to fill from a bare weights file.
+        label: str. Encoder name for error messages.
+
+    Raises:
+        ConfigError: the path is missing, not a weights file, or does not match.
+    """
+    weights = _weights_file(encoder_weights)
+    config_json = weights.parent / "config.json"
+    if Path(encoder_weights).is_dir() and config_json.exists():
+        import keras_hub
+
+        try:
+            config = dict(json.loads(config_json.read_text())["config"])
+            config["image_shape"] = tuple(input_shape)
+            backbone = getattr(keras_hub.models, class_name).from_config(config)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{config_json}: not a {class_name} config ({e})") from None
+    else:
+        backbone = make_default()
+    try:
+        with warnings.catch_warnings():
+            # Keras warns once per unmatched block before raising; the error says it all.
+            warnings.simplefilter("ignore", UserWarning)
+            backbone.load_weights(str(weights))
+    except Exception as e:  # Keras raises ValueError/KeyError/OSError by cause.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{weights}: cannot load {label} encoder weights ({first})") from None
+    return backbone
+
+
+def load_backbone(encoder, input_shape, encoder_weights):
+    """The ResNet encoder backbone, random or with local weights (`load_hub_backbone`).
 
     Args:
         encoder: str. One of `ENCODERS`.
@@ -98,31 +138,10 @@ def load_backbone(encoder, input_shape, encoder_weights):
     """
     if not encoder_weights:
         return make_backbone(encoder, input_shape)
-    weights = _weights_file(encoder_weights)
-    config_json = weights.parent / "config.json"
-    if Path(encoder_weights).is_dir() and config_json.exists():
-        import keras_hub
-
-        try:
-            spec = json.loads(config_json.read_text())
-            config = dict(spec["config"])
-            config["image_shape"] = tuple(input_shape)
-            backbone = keras_hub.models.ResNetBackbone.from_config(config)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"{config_json}: not a ResNetBackbone config ({e})") from None
-    else:
-        backbone = make_backbone(encoder, input_shape)
-    try:
-        with warnings.catch_warnings():
-            # Keras warns once per unmatched block before raising; the error says it all.
-            warnings.simplefilter("ignore", UserWarning)
-            backbone.load_weights(str(weights))
-    except Exception as e:  # Keras raises ValueError/KeyError/OSError by cause.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"{weights}: cannot load {encoder} encoder weights ({first})"
-        ) from None
-    return backbone
+    return load_hub_backbone(
+        "ResNetBackbone", input_shape, encoder_weights,
+        lambda: make_backbone(encoder, input_shape), encoder,
+    )
 
 
 def make_encoder(backbone):

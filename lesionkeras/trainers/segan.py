@@ -11,7 +11,9 @@ segmentation" (ISBI 2018). Every step, on one batch:
 4. segmentor step, C fixed: S *minimises* the same loss through the updated
    critic, plus, optionally, `supervised_weight` x a BCE/Dice term (off
    reproduces the paper; the authors' public code is reported not to reach
-   the paper's numbers without one). During `warmup_epochs` the adversarial
+   the paper's numbers without one), plus, optionally, `hard_mining_weight` x
+   the mean soft-Dice loss of the `hard_mining_count` worst images of the
+   batch (the ISIC 2018 report's hard mining). During `warmup_epochs` the adversarial
    term is switched off and S learns from the supervised term alone.
 
 Both networks see the two masked batches in one critic call, so the critic's
@@ -81,6 +83,10 @@ class SegANTrainer(keras.Model):
             `lesionkeras.losses.get_loss`. Defaults to `""`.
         supervised_weight: float. Weight of the supervised term. Defaults to 1.0.
         threshold: float. Threshold of the segmentation metrics. Defaults to 0.5.
+        hard_mining_weight: float >= 0. Weight of the hard-mining term, the
+            mean soft-Dice loss of the `hard_mining_count` worst images of the
+            (per-replica) batch (ISIC 2018 report); 0 is off. Defaults to 0.
+        hard_mining_count: int >= 1. Images of that term. Defaults to 5.
 
     Example:
 
@@ -94,7 +100,7 @@ class SegANTrainer(keras.Model):
 
     def __init__(
         self, segmentor, critic, clip=0.05, supervised_loss="", supervised_weight=1.0,
-        threshold=0.5, **kwargs,
+        threshold=0.5, hard_mining_weight=0.0, hard_mining_count=5, **kwargs,
     ):
         super().__init__(**kwargs)
         if not clip > 0:
@@ -105,6 +111,13 @@ class SegANTrainer(keras.Model):
         self.supervised_loss = supervised_loss
         self.supervised_weight = float(supervised_weight)
         self.threshold = threshold
+        if hard_mining_weight < 0 or hard_mining_count < 1:
+            raise ValueError(
+                "Expected hard_mining_weight >= 0 and hard_mining_count >= 1. Received: "
+                f"hard_mining_weight={hard_mining_weight}, hard_mining_count={hard_mining_count}"
+            )
+        self.hard_mining_weight = float(hard_mining_weight)
+        self.hard_mining_count = int(hard_mining_count)
         self._supervised = losses_lib.get_loss(supervised_loss) if supervised_loss else None
         # 1.0, or 0.0 during the warm-up epochs (set by `AdversarialWarmup`).
         self.adversarial_weight = self.add_weight(
@@ -114,6 +127,7 @@ class SegANTrainer(keras.Model):
         self.critic_tracker = keras.metrics.Mean(name="critic_loss")
         self.adversarial_tracker = keras.metrics.Mean(name="adversarial_loss")
         self.supervised_tracker = keras.metrics.Mean(name="supervised_loss")
+        self.hard_mining_tracker = keras.metrics.Mean(name="hard_mining_loss")
         self.seg_metrics = metrics_lib.default_metrics(threshold=threshold, from_logits=True)
         self.critic_optimizer = None
         self.built = True
@@ -123,6 +137,8 @@ class SegANTrainer(keras.Model):
         trackers = [self.loss_tracker, self.critic_tracker, self.adversarial_tracker]
         if self._supervised is not None:
             trackers.append(self.supervised_tracker)
+        if self.hard_mining_weight:
+            trackers.append(self.hard_mining_tracker)
         return [*trackers, *self.seg_metrics]
 
     @property
@@ -149,6 +165,15 @@ class SegANTrainer(keras.Model):
     def call(self, inputs, training=False):
         return self.segmentor(inputs, training=training)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras' TF trainer reduces the first (x, y) batch with `strategy.reduce`
+        # on the whole tuple, which MultiWorkerMirroredStrategy's collective ops
+        # reject ("Attempt to convert a value (PerReplica ...)"). Both networks
+        # and both optimisers are built by `compile`, so there is nothing to build.
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def save(self, filepath, *args, **kwargs):
         """Saves the segmentor alone (what evaluate/predict load)."""
         return self.segmentor.save(filepath, *args, **kwargs)
@@ -161,6 +186,8 @@ class SegANTrainer(keras.Model):
             "supervised_loss": self.supervised_loss,
             "supervised_weight": self.supervised_weight,
             "threshold": self.threshold,
+            "hard_mining_weight": self.hard_mining_weight,
+            "hard_mining_count": self.hard_mining_count,
         }
 
     @classmethod
@@ -223,6 +250,9 @@ class SegANTrainer(keras.Model):
             if self._supervised is not None:
                 supervised = self._supervised(y, logits)
                 total = total + self.supervised_weight * supervised
+            if self.hard_mining_weight:
+                hard = losses_lib.hard_mining_dice_loss(y, probs, self.hard_mining_count)
+                total = total + self.hard_mining_weight * hard
             scaled = total / _replicas()
         grads = tape.gradient(scaled, seg_vars)
         self.optimizer.apply(grads, seg_vars)
@@ -232,9 +262,11 @@ class SegANTrainer(keras.Model):
         self.adversarial_tracker.update_state(adversarial)
         if self._supervised is not None:
             self.supervised_tracker.update_state(supervised)
+        if self.hard_mining_weight:
+            self.hard_mining_tracker.update_state(hard)
         for m in self.seg_metrics:
             m.update_state(y, logits)
-        return {m.name: m.result() for m in self.metrics}
+        return _logs(self.metrics)
 
     def test_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -250,7 +282,19 @@ class SegANTrainer(keras.Model):
         for m in self.seg_metrics:
             m.update_state(y, logits)
         shown = [self.loss_tracker, self.adversarial_tracker, *self.seg_metrics]
-        return {m.name: m.result() for m in shown}
+        return _logs(shown)
+
+
+def _logs(metrics):
+    """`{name: result}`; under MultiWorkerMirroredStrategy each with a batch axis of 1.
+
+    Keras averages multi-worker logs with `strategy.reduce("MEAN", v, axis=0)`,
+    which needs an axis 0; a scalar fails ("Invalid reduction dimension 0").
+    """
+    logs = {m.name: m.result() for m in metrics}
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
+    return logs
 
 
 class AdversarialWarmup(keras.callbacks.Callback):
@@ -304,6 +348,7 @@ def build(cfg, steps_per_epoch=None):
     model = SegANTrainer(
         segmentor, critic, clip=s.clip, supervised_loss=s.supervised_loss,
         supervised_weight=s.supervised_weight, threshold=cfg.train.threshold,
+        hard_mining_weight=s.hard_mining_weight, hard_mining_count=s.hard_mining_count,
     )
     model.compile(seg_optimizer=seg_optimizer, critic_optimizer=critic_optimizer)
     return model
