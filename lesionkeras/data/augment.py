@@ -50,6 +50,62 @@ class RandomRotate90(keras.layers.Layer):
         return {**super().get_config(), "seed": self.seed}
 
 
+@keras.saving.register_keras_serializable(package="lesionkeras")
+class RandomDihedral(keras.layers.Layer):
+    """Applies one of the 8 symmetries of the square to each image, uniformly.
+
+    The dihedral group D4: rotations by 0, 90, 180 and 270 degrees, each with
+    or without a left-right flip first. Each image draws its own element with
+    probability exactly 1/8 (Guth & deCampos 2018, section 3.6, after fast.ai).
+    Random flips followed by `RandomRotate90` also reach all 8, but this draws
+    them with one seeded choice, so the element of each image is known.
+
+    Args:
+        seed: int. Seed of the choices. Defaults to None.
+
+    Example:
+
+    ```python
+    layer = RandomDihedral(seed=0)
+    out = layer(images)  # (batch, side, side, channels), square
+    ```
+    """
+
+    def __init__(self, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def draw(self, batch):
+        """Element index per image: `k % 4` quarter turns after a flip if `k >= 4`."""
+        return tf.cast(keras.random.randint((batch,), 0, 8, seed=self.seed_generator), tf.int32)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        return apply_dihedral(images, self.draw(tf.shape(images)[0]))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
+def apply_dihedral(images, k):
+    """Element `k[i]` (0-7) of the dihedral group applied to `images[i]`.
+
+    Args:
+        images: tensor (batch, side, side, channels).
+        k: int tensor (batch,). `k % 4` quarter turns counter-clockwise, after a
+            left-right flip when `k >= 4`.
+    """
+    flip = tf.reshape(k >= 4, (-1, 1, 1, 1))
+    images = tf.where(flip, tf.reverse(images, axis=[2]), images)
+    views = tf.stack([tf.image.rot90(images, t) for t in range(4)], axis=1)
+    return tf.gather(views, k % 4, axis=1, batch_dims=1)
+
+
 class Augmenter:
     """Callable `(images, masks) -> (images, masks)` for batched tensors.
 
@@ -60,9 +116,12 @@ class Augmenter:
 
     def __init__(self, cfg, seed=0):
         geometric = []
-        if cfg.flip:
+        if cfg.dihedral:
+            # All 8 symmetries of the square, uniformly; flip and rotate90 are subsumed.
+            geometric.append(RandomDihedral(seed=seed + 5))
+        if cfg.flip and not cfg.dihedral:
             geometric.append(keras.layers.RandomFlip("horizontal_and_vertical", seed=seed))
-        if cfg.rotate90:
+        if cfg.rotate90 and not cfg.dihedral:
             geometric.append(RandomRotate90(seed=seed + 1))
         if cfg.rotation:
             geometric.append(

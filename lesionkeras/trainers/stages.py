@@ -54,3 +54,99 @@ def unfreeze_all(model):
     # A nested model's own flag is not reset by its parent's, so set every layer.
     for layer in _walk(model):
         layer.trainable = True
+
+
+#: Methods whose trainers follow the model's trainable flags at every retrace.
+FREEZE_METHODS = ("baseline", "segan")
+
+
+def check_freeze_encoder(cfg):
+    """Raises ConfigError when `train.freeze_encoder_epochs` cannot be honoured.
+
+    Checked before anything is written: the method must be one that retraces
+    its step (`FREEZE_METHODS`) and the model one with a nested encoder (its
+    builder takes `encoder_weights`).
+    """
+    import inspect
+
+    from lesionkeras.errors import ConfigError
+    from lesionkeras.models import registry
+
+    if not cfg.train.freeze_encoder_epochs:
+        return
+    if cfg.method not in FREEZE_METHODS:
+        raise ConfigError(
+            f"`train.freeze_encoder_epochs` is not supported by `method = {cfg.method!r}` "
+            f"(only {', '.join(FREEZE_METHODS)})"
+        )
+    try:
+        params = inspect.signature(registry.get(cfg.model_name)).parameters
+    except KeyError as e:
+        raise ConfigError(str(e).strip("'\"")) from None
+    if "encoder_weights" not in params:
+        raise ConfigError(
+            f"`train.freeze_encoder_epochs` needs a model with an encoder (e.g. vgg19se, "
+            f"resnet34_unet); `{cfg.model_name}` has none"
+        )
+
+
+class FreezeEncoder(keras.callbacks.Callback):
+    """Freezes the model's nested `"encoder"` for the first `epochs` epochs, then trains all.
+
+    The ISIC 2018 report fixes the pre-trained VGG19 for 50 epochs, then
+    fine-tunes the whole segmentor. The state is a function of the epoch
+    number alone, so a run resumed with `BackupAndRestore` freezes or not as
+    the uninterrupted run would. The optimiser is built over every variable
+    before the first epoch (the model is fully trainable when `fit` starts),
+    so unfreezing needs no new optimiser; the train step is retraced whenever
+    the set of trainable variables changes. For a `SegANTrainer` the
+    segmentor's encoder is frozen; the critic always trains.
+
+    Args:
+        epochs: int >= 0. Epochs with the encoder frozen.
+
+    Example:
+
+    ```python
+    model.fit(ds, epochs=100, callbacks=[FreezeEncoder(50)])
+    ```
+    """
+
+    def __init__(self, epochs):
+        super().__init__()
+        if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 0:
+            raise ValueError(f"`epochs` must be an integer >= 0. Received: epochs={epochs!r}")
+        self.epochs = int(epochs)
+
+    def _encoder(self):
+        target = getattr(self.model, "segmentor", self.model)
+        enc = encoder_layer(target)
+        if enc is None:
+            raise ValueError(f"Model `{target.name}` has no `encoder` layer to freeze.")
+        return enc
+
+    def on_train_begin(self, logs=None):
+        # Keras builds the optimiser at the first trace when no strategy is set;
+        # build it now, over every variable, so unfreezing later finds its slots.
+        opt = self.model.optimizer
+        if opt is not None and not opt.built:
+            with self.model.distribute_strategy.scope():
+                opt.build(self.model.trainable_variables)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        enc = self._encoder()
+        trainable = epoch >= self.epochs
+        if enc.trainable != trainable:
+            enc.trainable = trainable
+            self.model.make_train_function(force=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["encoder_frozen"] = float(not self._encoder().trainable)
+
+    def on_train_end(self, logs=None):
+        # Leave the model as `fit` found it: fully trainable, with a step that trains all.
+        enc = self._encoder()
+        if not enc.trainable:
+            enc.trainable = True
+            self.model.make_train_function(force=True)

@@ -9,6 +9,21 @@ schedule (`unet34.schedule`, one-cycle by default; the paper's STLR is
 stages, so history.csv and TensorBoard show one continuous run and the best
 checkpoint by validation Dice is chosen over both stages.
 
+The stages can also be given as `[[stages]]` tables (`trainable` = `decoder`,
+`all_but_bn` or `all`; `epochs`; `lr`, a number or "find"), which replace
+the two of the `[unet34]` table: they are config entries, not code paths.
+
+Pyramid transfer (section 3.2, `unet34.pyramid = "128,256"`): the whole stage
+sequence runs at each size in turn on the same fully convolutional model, so
+the run is 128 px stage 1, 128 px stage 2, 256 px stage 1, 256 px stage 2; the
+weights carry over from one to the next and only the training images change
+size. Validation (hence the BestDice checkpoint) is at the last size,
+`data.image_size`, throughout, so every epoch is scored alike. With
+`unet34.lr_find`, each of these stages first runs the LR range test on its own
+frozen or unfrozen model (weights restored afterwards) and trains at the
+suggested rate; the rates and curves are kept in `RUN/lr_find/`, and a resumed
+run reuses them.
+
 Reference: F. Guth, T. E. de Campos, "Skin lesion segmentation using U-Net
 and good training strategies", 2018 (arXiv:1811.11314).
 
@@ -23,80 +38,191 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import math
+from pathlib import Path
 
+from lesionkeras import config as config_lib
 from lesionkeras import losses, metrics
 from lesionkeras.data import pipeline
 from lesionkeras.errors import ConfigError
-from lesionkeras.trainers import baseline
-from lesionkeras.trainers.stages import freeze_encoder, unfreeze_except_batch_norm
+from lesionkeras.trainers import baseline, lr_find
+from lesionkeras.trainers.stages import freeze_encoder, unfreeze_all, unfreeze_except_batch_norm
 
-#: The stages in order; what each makes trainable.
+#: The default stages (no `[[stages]]`), in order; what each makes trainable.
 STAGES = (1, 2)
 
 
+def stage_specs(cfg) -> list[dict]:
+    """The stages in order as `{"trainable", "epochs", "lr"}` dicts.
+
+    `[[stages]]` tables if the config has them (a missing `lr` is `train.lr`),
+    else stage 1 (`decoder`: encoder frozen) and stage 2 (`all_but_bn`) from
+    the `[unet34]` table. With `unet34.lr_find` every stage's `lr` is "find".
+    """
+    if cfg.stages:
+        specs = [{"lr": cfg.train.lr, **s} for s in cfg.stages]
+    else:
+        u = cfg.unet34
+        first = u.stage1_lr or cfg.train.lr
+        specs = [
+            {"trainable": "decoder", "epochs": u.stage1_epochs, "lr": first},
+            {"trainable": "all_but_bn", "epochs": u.stage2_epochs,
+             "lr": u.stage2_lr or first / 10.0},
+        ]
+    if cfg.unet34.lr_find:
+        specs = [{**s, "lr": "find"} for s in specs]
+    return specs
+
+
+def _spec(cfg, stage):
+    specs = stage_specs(cfg)
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 1 <= stage <= len(specs):
+        raise ValueError(f"`stage` must be 1 to {len(specs)}. Received: stage={stage!r}")
+    return specs[stage - 1]
+
+
 def stage_lr(cfg, stage: int) -> float:
-    """The (peak) learning rate of `stage` (1 or 2).
+    """The configured (peak) learning rate of `stage` (1-based).
 
     Args:
         cfg: `Config`.
-        stage: int. 1 (frozen encoder) or 2 (all but batch norm).
+        stage: int. 1 (frozen encoder) or 2 (all but batch norm) by default,
+            else the position in `[[stages]]`.
 
     Returns:
-        `unet34.stage1_lr` or `train.lr` for stage 1; `unet34.stage2_lr` or a
-        tenth of the stage-1 rate for stage 2.
+        Without `[[stages]]`: `unet34.stage1_lr` or `train.lr` for stage 1;
+        `unet34.stage2_lr` or a tenth of the stage-1 rate for stage 2. A stage
+        whose rate is found returns `train.lr` (used if the test gives none).
     """
-    u = cfg.unet34
-    first = u.stage1_lr or cfg.train.lr
-    if stage == 1:
-        return first
-    if stage == 2:
-        return u.stage2_lr or first / 10.0
-    raise ValueError(f"`stage` must be 1 or 2. Received: stage={stage!r}")
+    if cfg.unet34.lr_find:
+        # The rate the stage would have without the test: the fallback.
+        return stage_lr(cfg.override({"unet34.lr_find": False}), stage)
+    lr = _spec(cfg, stage)["lr"]
+    return cfg.train.lr if lr == "find" else lr
+
+
+def stage_finds_lr(cfg, stage: int) -> bool:
+    """Whether `stage` runs the LR range test (`lr = "find"` or `unet34.lr_find`)."""
+    return _spec(cfg, stage)["lr"] == "find"
 
 
 def stage_epochs(cfg, stage: int) -> int:
-    """`unet34.stage1_epochs` or `unet34.stage2_epochs`."""
-    if stage not in STAGES:
-        raise ValueError(f"`stage` must be 1 or 2. Received: stage={stage!r}")
-    return getattr(cfg.unet34, f"stage{stage}_epochs")
+    """The configured epochs of `stage` (`unet34.stage{1,2}_epochs` by default)."""
+    return _spec(cfg, stage)["epochs"]
 
 
-def stage_train_config(cfg, stage: int):
-    """The `[train]` table as `stage` sees it: its schedule, rate and epochs."""
+def stage_train_config(cfg, stage: int, lr: float | None = None, epochs: int | None = None):
+    """The `[train]` table as `stage` sees it: its schedule, rate and epochs.
+
+    Args:
+        cfg: `Config`. stage: int. 1-based position in `stage_specs(cfg)`.
+        lr: float or None. A rate that replaces the configured one (e.g. found).
+        epochs: int or None. The stage's epochs (the schedule's span) if not
+            `stage{1,2}_epochs` (pyramid stages).
+    """
     return dataclasses.replace(
-        cfg.train, schedule=cfg.unet34.schedule, lr=stage_lr(cfg, stage),
-        epochs=stage_epochs(cfg, stage),
+        cfg.train, schedule=cfg.unet34.schedule, lr=lr or stage_lr(cfg, stage),
+        epochs=epochs or stage_epochs(cfg, stage),
     )
 
 
-def compile_stage(model, cfg, stage: int, steps_per_epoch: int):
+def plan(cfg) -> list[tuple[int, int, int]]:
+    """Every training stage in run order as `(image size, stage, epochs)`.
+
+    Without a pyramid: the stages (`stage_specs`) in order at `data.image_size`.
+    With `unet34.pyramid`, all stages at each size in turn, their epochs from
+    `unet34.pyramid_epochs` (stages given 0 epochs are left out) or else the
+    stages' own epochs at every size.
+    """
+    sizes = config_lib.parse_int_list(cfg.unet34.pyramid, "unet34.pyramid")
+    sizes = sizes or [cfg.data.image_size]
+    order = range(1, len(stage_specs(cfg)) + 1)
+    epochs = config_lib.parse_int_list(cfg.unet34.pyramid_epochs, "unet34.pyramid_epochs")
+    epochs = epochs or [stage_epochs(cfg, s) for _ in sizes for s in order]
+    steps = [(size, s) for size in sizes for s in order]
+    return [(size, s, e) for (size, s), e in zip(steps, epochs) if e > 0]
+
+
+def _apply_stage(model, cfg, stage):
+    trainable = _spec(cfg, stage)["trainable"]
+    try:
+        if trainable == "decoder":
+            freeze_encoder(model)
+        elif trainable == "all_but_bn":
+            unfreeze_except_batch_norm(model)
+        else:
+            unfreeze_all(model)
+    except ValueError as e:
+        raise ConfigError(f"`method = \"unet34\"`: {e}") from None
+
+
+def compile_stage(model, cfg, stage: int, steps_per_epoch: int, lr: float | None = None,
+                  epochs: int | None = None):
     """Sets what `model` trains in `stage` and compiles it with a fresh optimizer.
 
     Args:
         model: a ResNet U-Net (its nested layer `"encoder"` is frozen in stage 1).
         cfg: `Config`.
-        stage: int. 1 (frozen encoder) or 2 (all but batch norm).
+        stage: int. 1-based position in `stage_specs(cfg)` (by default 1: frozen
+            encoder, 2: all but batch norm).
         steps_per_epoch: int. Optimizer steps per epoch (the schedule spans the stage).
+        lr: float or None. Peak rate replacing the configured one (e.g. found).
+        epochs: int or None. Epochs of the stage, if not `stage{1,2}_epochs`.
 
     Raises:
         ConfigError: the model has no `encoder` layer.
     """
-    try:
-        if stage == 1:
-            freeze_encoder(model)
-        else:
-            unfreeze_except_batch_norm(model)
-    except ValueError as e:
-        raise ConfigError(f"`method = \"unet34\"`: {e}") from None
+    _apply_stage(model, cfg, stage)
     # A new optimizer: its step counter (the schedule's clock) starts at 0 and its
     # slots match the variables this stage trains.
+    train_cfg = stage_train_config(cfg, stage, lr, epochs)
+    _compile_with(model, cfg, baseline.make_optimizer(train_cfg, steps_per_epoch))
+    return model
+
+
+def _compile_with(model, cfg, optimizer):
     model.compile(
-        optimizer=baseline.make_optimizer(stage_train_config(cfg, stage), steps_per_epoch),
+        optimizer=optimizer,
         loss=losses.get_loss(cfg.train.loss),
         metrics=metrics.default_metrics(threshold=cfg.train.threshold, from_logits=True),
         jit_compile=baseline.jit_option(cfg.train),
     )
-    return model
+
+
+def find_stage_lr(model, cfg, stage: int, dataset, key: str) -> float:
+    """The LR range test on `model` as `stage` trains it; its weights are restored.
+
+    The curve goes to `RUN/lr_find/<key>.csv` and `.png` and the rate to
+    `RUN/lr_find/rates.json`, where a resumed run finds it again (the test is
+    not repeated, so the resumed stage keeps its schedule).
+
+    Args:
+        model: the ResNet U-Net. cfg: `Config` (`cfg.out` is the run directory).
+        stage: int. 1-based stage. dataset: the stage's training batches.
+        key: str. Name of the stage, e.g. `"128px-stage1"`.
+
+    Returns:
+        float. The suggested rate (the configured one if the test gave none).
+    """
+    out = Path(cfg.out) / "lr_find" if cfg.out else None
+    rates_path = out / "rates.json" if out else None
+    rates = json.loads(rates_path.read_text()) if rates_path and rates_path.exists() else {}
+    if key in rates:
+        return float(rates[key])
+    _apply_stage(model, cfg, stage)
+    # The test drives the rate of a constant-rate optimizer itself.
+    _compile_with(model, cfg, baseline.make_optimizer(
+        dataclasses.replace(cfg.train, schedule="constant", lr=1e-7), 1))
+    result = lr_find.lr_range_test(model, dataset, steps=cfg.unet34.lr_find_steps)
+    rate = result.suggestion if math.isfinite(result.suggestion) else stage_lr(cfg, stage)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        result.write_csv(out / f"{key}.csv")
+        lr_find.plot(result, out / f"{key}.png")
+        rates[key] = rate
+        rates_path.write_text(json.dumps(rates, indent=2) + "\n")
+    return rate
 
 
 def build(cfg, steps_per_epoch=None):
@@ -111,7 +237,7 @@ def build(cfg, steps_per_epoch=None):
 
 
 def stages(cfg, train_df, mean, std):
-    """The two stages: `[(dataset, epochs, None, setup), ...]`.
+    """The training stages of `plan(cfg)`: `[(dataset, epochs, None, setup), ...]`.
 
     Args:
         cfg: `Config`.
@@ -119,25 +245,34 @@ def stages(cfg, train_df, mean, std):
         mean: per-channel mean. std: per-channel std.
 
     Returns:
-        list of (tf.data.Dataset, int, None, callable): the same training
-        stream for both stages; `setup(model)` freezes or unfreezes and
-        recompiles the model before its stage (the rate comes with the schedule).
+        list of (tf.data.Dataset, int, None, callable): the training stream at
+        the stage's size; `setup(model)` freezes or unfreezes, finds the rate
+        if asked, and recompiles the model before its stage (the rate comes
+        with the schedule).
     """
     d = cfg.data
-    ds = pipeline.make_dataset(
-        pipeline.decoded_dataset(
-            train_df, d.image_size, cache=d.cache, color_constancy=d.color_constancy
-        ),
-        batch_size=cfg.train.batch_size, mean=mean, std=std, training=True,
-        augment=cfg.augment, crop_size=d.crop_size, seed=cfg.seed,
-    )
-    steps = max(int(ds.cardinality()), 1)
-    return [
-        (ds, stage_epochs(cfg, s), None,
-         functools.partial(_setup, cfg=cfg, stage=s, steps_per_epoch=steps))
-        for s in STAGES
-    ]
+    streams = {}
+    out = []
+    pyramid = bool(cfg.unet34.pyramid)
+    for size, stage, epochs in plan(cfg):
+        if size not in streams:
+            streams[size] = pipeline.make_dataset(
+                pipeline.decoded_dataset(
+                    train_df, size, cache=d.cache, color_constancy=d.color_constancy
+                ),
+                batch_size=cfg.train.batch_size, mean=mean, std=std, training=True,
+                augment=cfg.augment, crop_size=d.crop_size, seed=cfg.seed,
+            )
+        ds = streams[size]
+        key = f"{size}px-stage{stage}" if pyramid else f"stage{stage}"
+        setup = functools.partial(
+            _setup, cfg=cfg, stage=stage, steps_per_epoch=max(int(ds.cardinality()), 1),
+            dataset=ds, key=key, epochs=epochs,
+        )
+        out.append((ds, epochs, None, setup))
+    return out
 
 
-def _setup(model, *, cfg, stage, steps_per_epoch):
-    compile_stage(model, cfg, stage, steps_per_epoch)
+def _setup(model, *, cfg, stage, steps_per_epoch, dataset, key, epochs):
+    lr = find_stage_lr(model, cfg, stage, dataset, key) if stage_finds_lr(cfg, stage) else None
+    compile_stage(model, cfg, stage, steps_per_epoch, lr=lr, epochs=epochs)
