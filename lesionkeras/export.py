@@ -13,12 +13,18 @@ preprocessing. A SavedModel has two signatures:
   `(H, W, K)` at the image's own size.
 
 A TFLite file holds `serving_default` only (its decoders are not TFLite ops).
+It is float32 or quantised (`quantize`): `float16` weights, `dynamic`-range
+int8 weights, or full `int8` weights and activations calibrated on a
+representative dataset of real images (its input and output stay float32, so
+every TFLite file is called the same way).
 `lesionkeras.json` beside the model records the input size, channels,
-normalisation, threshold, method and package version.
+normalisation, threshold, method, quantisation and package version.
 
 Every export is checked before it is published: the artefact and the Keras
 model run on a few synthetic images, and the export is refused (nothing left
-at `out`) when their probabilities differ by more than `tolerance`. Files are
+at `out`) when their probabilities differ by more than `tolerance` (float
+exports) or when the Dice agreement of their thresholded masks falls below
+`min_dice` (quantised exports, whose probabilities move by design). Files are
 written to a temporary folder next to `out` and renamed into place.
 
 Example:
@@ -52,6 +58,7 @@ from lesionkeras.data.color import apply_color_constancy
 from lesionkeras.errors import DataError, LesionKerasError
 
 FORMATS = ("savedmodel", "tflite")
+QUANTIZE = ("none", "float16", "dynamic", "int8")
 METADATA_FILE = "lesionkeras.json"
 SIGNATURES = ("serving_default", "serving_bytes")
 
@@ -152,12 +159,69 @@ def write_savedmodel(model, path, image_size, mean, std, threshold, color_consta
     archive.write_out(str(path), verbose=False)
 
 
-def write_tflite(saved_model_dir, path):
-    """Converts the `serving_default` signature of a SavedModel to a float32 TFLite file."""
+def write_tflite(saved_model_dir, path, quantize="none", representative=None):
+    """Converts the `serving_default` signature of a SavedModel to a TFLite file.
+
+    Args:
+        saved_model_dir: str or Path. SavedModel from `write_savedmodel`.
+        path: str or Path. The `.tflite` file written.
+        quantize: str. `none` (float32), `float16` (float16 weights),
+            `dynamic` (int8 weights, float activations) or `int8` (int8
+            weights and activations, float32 input and output). Defaults to
+            `"none"`.
+        representative: array or None. `int8` only: raw 0-255 images
+            `(N, S, S, 3)` that calibrate the activation ranges (they pass
+            through the baked-in preprocessing, as served images do).
+    """
+    if quantize not in QUANTIZE:
+        raise DataError(f"unknown quantisation {quantize!r} (expected {', '.join(QUANTIZE)})")
     converter = tf.lite.TFLiteConverter.from_saved_model(
         str(saved_model_dir), signature_keys=["serving_default"]
     )
+    if quantize != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "int8":
+        if representative is None or not len(representative):
+            raise DataError("int8 quantisation needs representative images")
+        images = np.asarray(representative, np.float32)
+
+        def dataset():
+            for i in range(len(images)):
+                yield {"images": images[i : i + 1]}
+
+        converter.representative_dataset = dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     Path(path).write_bytes(converter.convert())
+
+
+def representative_images(source, image_size, limit=100):
+    """Raw images of a folder resized to the model input, for int8 calibration.
+
+    Args:
+        source: str or Path. A data folder (any layout `predict` reads) or one image.
+        image_size: int. Model input side.
+        limit: int. At most this many images (the first, sorted). Defaults to 100.
+
+    Returns:
+        float32 array `(N, S, S, 3)`, values 0-255.
+
+    Raises:
+        DataError: the folder is missing, empty or holds an unreadable image.
+    """
+    df = inference.list_images(source)
+    out = []
+    for path in df["image"].astype(str).tolist()[:limit]:
+        try:
+            with Image.open(path) as im:
+                image = np.asarray(im.convert("RGB"))
+        except Exception as e:  # noqa: BLE001 - any decode failure is a bad input file
+            raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
+        # The same resizing as `inference.Predictor`, so calibration sees served inputs.
+        out.append(tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size),
+                                   antialias=True).numpy())
+    return np.stack(out)
 
 
 def parity_images(image_size, count=4, seed=0):
@@ -239,7 +303,8 @@ def _check_out(out, fmt):
 
 
 def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolerance=1e-4,
-                 threshold=None, log=None):
+                 threshold=None, log=None, quantize="none", representative_data=None,
+                 min_dice=0.98):
     """Exports a run directory or `.keras` file and checks it against the Keras model.
 
     Args:
@@ -252,6 +317,12 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
             Defaults to 1e-4.
         threshold: float or None. Threshold baked in; None uses the run's.
         log: callable or None. Receives progress lines.
+        quantize: str. TFLite only: `none`, `float16`, `dynamic` or `int8`
+            (see `write_tflite`). Defaults to `"none"`.
+        representative_data: str, Path or None. `int8` only (and required
+            there): folder of real images calibrating the activations.
+        min_dice: float. Quantised exports: smallest accepted Dice agreement
+            of the thresholded masks with the Keras model's. Defaults to 0.98.
 
     Returns:
         ExportResult.
@@ -263,6 +334,15 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
     """
     if format not in FORMATS:
         raise DataError(f"unknown export format {format!r} (expected {', '.join(FORMATS)})")
+    if quantize not in QUANTIZE:
+        raise DataError(f"unknown quantisation {quantize!r} (expected {', '.join(QUANTIZE)})")
+    if quantize != "none" and format != "tflite":
+        raise DataError(f"{out}: --quantize {quantize} needs --format tflite")
+    if (quantize == "int8") != (representative_data is not None):
+        raise DataError(
+            "--quantize int8 needs --representative-data DIR" if quantize == "int8"
+            else "--representative-data is only used by --quantize int8"
+        )
     log = log or (lambda line: None)
     out = Path(out)
     _check_out(out, format)
@@ -272,6 +352,9 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
     for note in predictor.notes:
         log(note)
     size = predictor.image_size
+    representative = (
+        representative_images(representative_data, size) if quantize == "int8" else None
+    )
     images = parity_images(size, parity_count)
     reference = keras_probabilities(predictor, images)
     # The bytes signature is checked on a non-square image of another size.
@@ -292,7 +375,7 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
             artefact, meta_path = tmp, tmp / METADATA_FILE
         else:
             artefact = tmp / out.name
-            write_tflite(saved_model, artefact)
+            write_tflite(saved_model, artefact, quantize, representative)
             probs = _run_tflite(artefact, images)
             diffs = [np.abs(probs - reference).max()]
             meta_path = tmp / f"{out.stem}.{METADATA_FILE}"
@@ -300,14 +383,24 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
         dice = mask_dice(probs >= predictor.threshold, reference >= predictor.threshold)
         log(f"parity on {len(images)} synthetic images: max abs diff {max_diff:.3g}, "
             f"mask dice {dice:.4f}")
-        if not max_diff <= tolerance:
+        if quantize == "none" and not max_diff <= tolerance:
             raise ParityError(
                 f"{out}: {format} export differs from the Keras model (max abs diff "
                 f"{max_diff:.3g} > {tolerance:g}); artefact removed"
             )
+        if quantize != "none" and not dice >= min_dice:
+            raise ParityError(
+                f"{out}: {quantize} export disagrees with the Keras model (mask dice "
+                f"{dice:.4f} < {min_dice:g}); artefact removed"
+            )
         meta = _metadata(predictor, format, int(reference.shape[-1]))
-        meta["parity"] = {"images": len(images), "max_abs_diff": max_diff, "dice": dice,
-                          "tolerance": tolerance}
+        meta["quantize"] = quantize
+        meta["parity"] = {"images": len(images), "max_abs_diff": max_diff, "dice": dice}
+        meta["parity"] |= (
+            {"tolerance": tolerance} if quantize == "none"
+            else {"min_dice": min_dice, "representative_images":
+                  0 if representative is None else len(representative)}
+        )
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
         if format == "savedmodel":
             os.replace(tmp, out)
