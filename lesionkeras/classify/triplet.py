@@ -1,0 +1,172 @@
+"""Online triplet mining with the hardest negative, and the triplet loss.
+
+Xue et al. 2018 (ISIC 2018 report), section 3, eq. 3-4: an anchor and a
+positive from the same minority class, a negative from the majority class,
+
+    loss = mean over (a, p) of max(0, |f(a) - f(p)|^2 + alpha - |f(a) - f(n*)|^2)
+
+where n* is the hardest negative of the anchor inside the batch (the one
+closest to it). Every valid anchor-positive pair of the batch is used; the
+paper sums over triplets, we average so the scale does not depend on the batch
+size. Everything is batch-wide tensor algebra: a B x B distance matrix and masks,
+no loop over samples, so it runs inside a compiled train step.
+"""
+
+import keras
+from keras import ops
+
+NEGATIVES = ("majority", "other")
+
+
+def pairwise_squared_distances(embeddings):
+    """(B, B) squared Euclidean distances between the rows of `embeddings` (B, D)."""
+    sq = ops.sum(ops.square(embeddings), axis=-1)
+    dot = ops.matmul(embeddings, ops.transpose(embeddings))
+    return ops.maximum(sq[:, None] - 2.0 * dot + sq[None, :], 0.0)
+
+
+def triplet_masks(labels, majority=None, negatives="majority"):
+    """Boolean masks of valid positives (B, B) and negatives (B, B) per anchor row.
+
+    Args:
+        labels: int tensor (B,). Class index of each sample.
+        majority: int or int tensor. The majority class (negatives come from it, and it
+            never anchors). Needed when `negatives="majority"`.
+        negatives: str. `"majority"` (the paper) or `"other"` (any other class).
+            Defaults to `"majority"`.
+
+    Returns:
+        (positive, negative) boolean tensors of shape (B, B).
+    """
+    if negatives not in NEGATIVES:
+        raise ValueError(f"`negatives` must be one of {NEGATIVES}. Received: {negatives!r}")
+    labels = ops.cast(labels, "int32")
+    same = ops.equal(labels[:, None], labels[None, :])
+    not_self = ops.logical_not(ops.cast(ops.eye(ops.shape(labels)[0]), "bool"))
+    positive = ops.logical_and(same, not_self)
+    if negatives == "majority":
+        if majority is None:
+            raise ValueError("`negatives=\"majority\"` needs the `majority` class.")
+        is_major = ops.equal(labels, ops.cast(majority, "int32"))
+        anchor = ops.logical_not(is_major)
+        positive = ops.logical_and(positive, anchor[:, None])
+        negative = ops.logical_and(anchor[:, None], is_major[None, :])
+    else:
+        negative = ops.logical_not(same)
+    return positive, negative
+
+
+def hardest_negatives(distances, negative):
+    """Index of the closest valid negative of each anchor, and whether it has one.
+
+    Args:
+        distances: float tensor (B, B).
+        negative: bool tensor (B, B). Valid negatives of each row.
+
+    Returns:
+        (index (B,) int32, has_negative (B,) bool).
+    """
+    big = ops.max(distances) + 1.0
+    masked = ops.where(negative, distances, big)
+    return ops.cast(ops.argmin(masked, axis=1), "int32"), ops.any(negative, axis=1)
+
+
+def triplet_loss(embeddings, labels, *, margin=0.2, majority=None, negatives="majority",
+                 normalize=True):
+    """Triplet loss with online hardest-negative mining over one batch.
+
+    Args:
+        embeddings: float tensor (B, D).
+        labels: int tensor (B,).
+        margin: float. alpha of eq. 3. Defaults to 0.2.
+        majority: int. Majority class index (for `negatives="majority"`).
+        negatives: str. `"majority"` or `"other"`. Defaults to `"majority"`.
+        normalize: bool. L2-normalise the embeddings first, so the margin has a fixed
+            scale. Defaults to True.
+
+    Returns:
+        (loss, count): scalar mean hinge over the valid triplets (0 when there are none)
+        and the number of valid triplets.
+
+    Example:
+
+    ```python
+    loss, n = triplet_loss(emb, y, margin=0.2, majority=1)
+    ```
+    """
+    embeddings = ops.cast(embeddings, "float32")
+    if normalize:
+        embeddings = embeddings / (ops.norm(embeddings, axis=-1, keepdims=True) + 1e-12)
+    d = pairwise_squared_distances(embeddings)
+    positive, negative = triplet_masks(labels, majority, negatives)
+    index, has_negative = hardest_negatives(d, negative)
+    d_neg = ops.take_along_axis(d, index[:, None], axis=1)  # (B, 1)
+    valid = ops.logical_and(positive, has_negative[:, None])
+    hinge = ops.maximum(d + margin - d_neg, 0.0)
+    valid_f = ops.cast(valid, "float32")
+    count = ops.sum(valid_f)
+    loss = ops.sum(hinge * valid_f) / ops.maximum(count, 1.0)
+    return loss, count
+
+
+@keras.saving.register_keras_serializable(package="lesionkeras")
+class TripletLoss(keras.losses.Loss):
+    """`triplet_loss` as a Keras loss: `y_true` are class indices, `y_pred` embeddings.
+
+    Args:
+        margin: float. Defaults to 0.2.
+        majority: int. Majority class index. Defaults to None.
+        negatives: str. `"majority"` or `"other"`. Defaults to `"majority"`.
+        normalize: bool. Defaults to True.
+    """
+
+    def __init__(self, margin=0.2, majority=None, negatives="majority", normalize=True,
+                 name="triplet", **kwargs):
+        super().__init__(name=name, **kwargs)
+        if negatives not in NEGATIVES:
+            raise ValueError(f"`negatives` must be one of {NEGATIVES}. Received: {negatives!r}")
+        if negatives == "majority" and majority is None:
+            raise ValueError("`negatives=\"majority\"` needs the `majority` class.")
+        self.margin, self.majority = float(margin), majority
+        self.negatives, self.normalize = negatives, bool(normalize)
+
+    def call(self, y_true, y_pred):
+        labels = ops.reshape(ops.cast(y_true, "int32"), (-1,))
+        return triplet_loss(y_pred, labels, margin=self.margin, majority=self.majority,
+                            negatives=self.negatives, normalize=self.normalize)[0]
+
+    def get_config(self):
+        return {**super().get_config(), "margin": self.margin, "majority": self.majority,
+                "negatives": self.negatives, "normalize": self.normalize}
+
+
+def nearest_class_mean_distances(queries, references, reference_labels, num_classes):
+    """Mean Euclidean distance of each query to the reference embeddings of every class.
+
+    The ISIC 2018 report's prediction rule: the class whose (up to 100) sampled
+    training images are, on average, nearest in embedding space. Classes with no
+    reference get +inf.
+
+    Args:
+        queries: float array (N, D). references: float array (M, D).
+        reference_labels: int array (M,). num_classes: int.
+
+    Returns:
+        float tensor (N, num_classes).
+    """
+    queries = ops.cast(queries, "float32")
+    references = ops.cast(references, "float32")
+    sq_q = ops.sum(ops.square(queries), axis=-1)[:, None]
+    sq_r = ops.sum(ops.square(references), axis=-1)[None, :]
+    d = ops.sqrt(ops.maximum(sq_q - 2.0 * ops.matmul(queries, ops.transpose(references)) + sq_r, 0.0))
+    onehot = ops.one_hot(ops.cast(reference_labels, "int32"), num_classes)  # (M, K)
+    counts = ops.sum(onehot, axis=0)
+    sums = ops.matmul(d, onehot)
+    return ops.where(counts > 0, sums / ops.maximum(counts, 1.0), float("inf"))
+
+
+def nearest_class_mean_predict(queries, references, reference_labels, num_classes):
+    """Class index with the smallest mean distance (see `nearest_class_mean_distances`)."""
+    return ops.argmin(
+        nearest_class_mean_distances(queries, references, reference_labels, num_classes), axis=1
+    )
