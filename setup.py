@@ -36,9 +36,15 @@ setup(
         # The TFLite interpreter (TensorFlow's own `tf.lite.Interpreter` is deprecated);
         # `export --format tflite` checks its file with it.
         "ai-edge-litert",
+        # Dense CRF refinement of post-processing (`--postprocess crf`): the reference
+        # fully connected CRF (Kraehenbuehl & Koltun 2011), kept building on current Pythons.
+        "pydensecrf2",
+        # Plots of the experiment tables and curves (bar charts, legends, log axes).
+        "matplotlib",
         # tomllib is stdlib from 3.11 on; tomli is the same parser for 3.10.
         "tomli; python_version < '3.11'",
     ],
     extras_require={"test": ["pytest"]},
+    scripts=["bin/noise-table", "bin/clean-size-curve", "bin/missing-table"],
     entry_points={"console_scripts": ["lesionkeras=lesionkeras.cli:main"]},
 )

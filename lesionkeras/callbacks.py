@@ -38,6 +38,17 @@ class StopOnNaN(keras.callbacks.Callback):
             self.where = (self._epoch + 1, batch + 1)
             self.model.stop_training = True
 
+    def raise_if_stopped(self, run_dir):
+        """Raises `TrainingError` (exit code 1) naming the run and the batch, if it stopped."""
+        from lesionkeras.errors import TrainingError
+
+        if self.where:
+            epoch, batch = self.where
+            raise TrainingError(
+                f"{run_dir}: the loss became NaN at epoch {epoch}, batch {batch}; "
+                "lower the learning rate (--lr) or check the data"
+            )
+
 
 def image_grid(images, truths, probs):
     """Rows of `input | truth | prediction` as one uint8 (1, H*n, W*3, 3) image."""

@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from lesionkeras import __version__  # noqa: E402
 from lesionkeras import config as config_lib  # noqa: E402
-from lesionkeras.errors import LesionKerasError  # noqa: E402
+from lesionkeras.errors import LesionKerasError, TrainingError  # noqa: E402
 
 
 def _quiet_tensorflow_import():
@@ -35,7 +35,9 @@ def _quiet_tensorflow_import():
         os.dup2(null, 2)
         import tensorflow as tf
 
-        tf.config.list_logical_devices("CPU")
+        # Physical, not logical, devices: this probes CUDA (the noisy part) without
+        # initialising the runtime, which MultiWorkerMirroredStrategy must configure first.
+        tf.config.list_physical_devices("GPU")
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -56,8 +58,6 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except LesionKerasError as e:
-            from lesionkeras.trainers.run import TrainingError
-
             lines = e.lines() if hasattr(e, "lines") else [str(e)]
             _fail(lines, 1 if isinstance(e, TrainingError) else 2)
 
@@ -89,7 +89,7 @@ def main():
 
 # Flag name -> dotted config key; every flag overrides the config file.
 FIT_FLAGS = {
-    "method": "method", "data": "data.source", "out": "out", "model": "model.name",
+    "method": "method", "task": "task", "data": "data.source", "out": "out", "model": "model.name",
     "epochs": "train.epochs", "batch_size": "train.batch_size",
     "image_size": "data.image_size", "lr": "train.lr", "seed": "seed",
     "limit": "data.limit", "strategy": "train.strategy",
@@ -104,12 +104,20 @@ FIT_FLAGS = {
     "encoder_weights": "model.encoder_weights", "schedule": "train.schedule",
     "structures": "smile.structures", "empty_means_missing": "smile.empty_means_missing",
     "simulate_missing": "smile.simulate_missing",
+    "relabel_rounds": "smile.relabel_rounds", "gamma_max": "smile.gamma_max",
+    "relabel_epochs": "smile.relabel_epochs", "uncertainty": "smile.uncertainty",
+    "mc_samples": "smile.mc_samples",
+    "pyramid": "unet34.pyramid", "pyramid_epochs": "unet34.pyramid_epochs",
+    "freeze_encoder_epochs": "train.freeze_encoder_epochs",
 }
 
 
 @main.command()
 @click.option("--method", type=click.Choice(config_lib.METHODS), default=None,
               help="Training method (default: baseline).")
+@click.option("--task", type=click.Choice(config_lib.TASKS), default=None,
+              help="ISIC task: segment (default), attributes (--method multitask) or "
+                   "classify (--method triplet or softmax).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML config; flags override its keys.")
 @DATA_OPTION
@@ -143,11 +151,12 @@ FIT_FLAGS = {
     ["constant", "one_cycle", "slanted_triangular", "linear_decay", "plateau"]), default=None,
     help="Learning-rate schedule (default: constant).")
 @click.option("--meta-grad", type=click.Choice(["nested", "forward"]), default=None,
-              help="meta: nested tapes (reference) or forward mode for eq. 7.")
+              help="meta: forward mode (default) or nested tapes (reference) for eq. 7.")
 @click.option("--clean-batch-size", type=click.IntRange(min=1), default=None,
               help="meta: clean images per step (default 10).")
 @click.option("--simulate-noise", type=click.Choice(["7-vertex", "3-vertex", "4-axis", "maximal"]),
-              default=None, help="meta: noisy masks for all training images but --clean-count.")
+              default=None, help="meta, finetune, image-reweight, baseline: noisy masks for all "
+                   "training images but --clean-count.")
 @click.option("--clean-count", type=click.IntRange(min=1), default=None,
               help="meta: clean training images kept by --simulate-noise.")
 @click.option("--noisy-data", default=None, help="meta: folder of images with noisy masks.")
@@ -164,6 +173,25 @@ FIT_FLAGS = {
 @click.option("--simulate-missing", type=click.FloatRange(0, 1), default=None,
               help="smile/multiclass: drop each structure's labels from this fraction of the "
                    "training images (seeded; recorded in RUN/annotations.csv).")
+@click.option("--relabel-rounds", type=click.IntRange(min=0), default=None,
+              help="smile: SMILEr relabelling rounds T after SMILE training (default 0 = off).")
+@click.option("--gamma-max", type=click.FloatRange(0, 1), default=None,
+              help="smile: SMILEr fraction of predicted-positive unknown pixels added by the "
+                   "last round (round t: t/T of it; default 1).")
+@click.option("--relabel-epochs", type=click.IntRange(min=1), default=None,
+              help="smile: epochs of each SMILEr round (default 5).")
+@click.option("--uncertainty", type=click.Choice(["score", "mc-dropout"]), default=None,
+              help="smile: SMILEr keeps the highest-score pixels, or the lowest MC-dropout std.")
+@click.option("--mc-samples", type=click.IntRange(min=2), default=None,
+              help="smile: dropout samples of --uncertainty mc-dropout (default 10).")
+@click.option("--pyramid", default=None,
+              help="unet34: pyramid transfer, e.g. 128,256: train at each size in turn "
+                   "(sets --image-size to the last one).")
+@click.option("--pyramid-epochs", default=None,
+              help="unet34: epochs of stage 1 and stage 2 at each pyramid size, e.g. 10,10,5,5.")
+@click.option("--freeze-encoder-epochs", type=click.IntRange(min=0), default=None,
+              help="Encoder frozen for the first N epochs, then all trains (models with an "
+                   "encoder, e.g. vgg19se; ISIC 2018 report: 50).")
 @click.option("--folds", "kfold", type=click.IntRange(min=2), default=None,
               help="Train K models on a K-fold split (RUN/fold<i>/); evaluate and predict "
                    "on RUN average them.")
@@ -171,6 +199,11 @@ FIT_FLAGS = {
 def fit(config_file, resume, kfold, **flags):
     """Train a model; writes a run directory (config, checkpoints, TensorBoard)."""
     overrides = {FIT_FLAGS[k]: v for k, v in flags.items() if v is not None}
+    if flags["pyramid"] and flags["image_size"] is None:
+        # Validation and prediction run at the last size of the pyramid.
+        sizes = config_lib.parse_int_list(flags["pyramid"], "--pyramid")
+        if sizes:
+            overrides["data.image_size"] = sizes[-1]
     if resume:
         if config_file:
             raise click.UsageError("--resume reads the run's own config; drop --config.")
@@ -194,7 +227,8 @@ def fit(config_file, resume, kfold, **flags):
         click.echo(f"\ninterrupted; continue with: lesionkeras fit --resume {where}", err=True)
         sys.exit(130)
     click.echo(f"run directory: {result.run_dir}")
-    shown = ["dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity"]
+    shown = ["dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity",
+             "balanced_accuracy", "balanced_accuracy_softmax", "balanced_accuracy_nearest_mean"]
     parts = [f"{k} {result.metrics[k]:.4f}" for k in shown if k in result.metrics]
     if parts:
         click.echo("validation (best checkpoint): " + ", ".join(parts))
@@ -253,27 +287,85 @@ def _load_data(data, limit):
     return sources.load_manifest(data or "synthetic", limit=limit or 0)
 
 
+ENSEMBLE_OPTION = click.option(
+    "--ensemble", is_flag=True,
+    help="Average the probabilities of several MODELs (any mix of runs, .keras, "
+         "SavedModels and .tflite files of the same task).",
+)
+TTA_OPTION = click.option(
+    "--tta", type=click.Choice(["none", "flips"]), default="none", show_default=True,
+    help="Test-time augmentation: average over the 8 flips/rotations, each undone first.",
+)
+
+
+POSTPROCESS_OPTION = click.option(
+    "--postprocess", default="",
+    help="Comma-separated post-processing: `crf` (dense CRF on image and map), `morph` "
+         "(fill holes, drop small components, keep the largest); parameters from the "
+         "[postprocess] table of MODEL's config.toml.",
+)
+
+
+def _load_predictor(model_paths, ensemble, tta, threshold):
+    from lesionkeras import inference
+
+    if len(model_paths) > 1 and not ensemble:
+        raise click.UsageError("several MODELs need --ensemble.")
+    if ensemble and len(model_paths) < 2:
+        raise click.UsageError("--ensemble needs at least two MODELs.")
+    if ensemble:
+        predictor = inference.load_ensemble(model_paths, threshold=threshold)
+    else:
+        predictor = inference.load_predictor(model_paths[0], threshold=threshold)
+    for note in predictor.notes:
+        click.echo(note, err=True)
+    return inference.with_tta(predictor, tta)
+
+
 @main.command()
-@click.argument("model_path", metavar="MODEL")
+@click.argument("model_paths", metavar="MODEL...", nargs=-1, required=True)
 @DATA_OPTION
 @click.option("--out", default=None, help="Output folder (default: MODEL/eval-<data>).")
 @THRESHOLD_OPTION
 @BATCH_OPTION
 @LIMIT_OPTION
+@ENSEMBLE_OPTION
+@TTA_OPTION
+@POSTPROCESS_OPTION
+@click.option("--report", is_flag=True,
+              help="Also write report.html: metric table and every image's overlay of truth "
+                   "and prediction, worst Dice first (PNGs in report/).")
 @click.option("--split", type=click.Choice(["all", "train", "val"]), default="all",
               show_default=True,
               help="Score only the run's own training or validation images (needs a run "
                    "directory; the split is rebuilt from its config and seed).")
 @handle_errors
-def evaluate(model_path, data, out, threshold, batch_size, limit, split):
-    """Score MODEL on a labelled folder: per-image CSV, summary JSON, table."""
+def evaluate(model_paths, data, out, threshold, batch_size, limit, ensemble, tta, postprocess,
+             report, split):
+    """Score MODEL on a labelled folder: per-image CSV, summary JSON, table.
+
+    With --ensemble, MODEL... are averaged (and each is also scored alone).
+    With --postprocess, scores with and without it are shown side by side.
+    """
     _quiet_tensorflow_import()
     from lesionkeras import inference
+    from lesionkeras import postprocess as postprocess_lib
     from lesionkeras.data import check
 
-    predictor = inference.load_predictor(model_path, threshold=threshold)
-    for note in predictor.notes:
-        click.echo(note, err=True)
+    model_path = model_paths[0]
+    from lesionkeras.classify import tasks
+
+    if tasks.run_task(model_path) != "segment":
+        # ISIC 2018 Task 2/3 runs: their own metrics and reports.
+        if len(model_paths) > 1 or tta != "none" or postprocess or report or split != "all":
+            raise click.UsageError("--ensemble, --tta, --postprocess, --report and --split "
+                                   "are for segmentation runs only.")
+        lines, _ = tasks.evaluate(model_path, data=data, out=out, batch_size=batch_size,
+                                  limit=limit)
+        click.echo("\n".join(lines))
+        return
+    steps = postprocess_lib.parse_steps(postprocess)
+    predictor = _load_predictor(model_paths, ensemble, tta, threshold)
     if split == "all":
         df = _load_data(data, limit)
         check.validate(df, require_masks=True, source=data or "synthetic")
@@ -296,38 +388,69 @@ def evaluate(model_path, data, out, threshold, batch_size, limit, split):
         out = base / f"eval-{Path(data).name if data else 'synthetic'}{suffix}"
     with click.progressbar(length=len(df), label="evaluating", file=sys.stderr) as bar:
         _, summary = inference.evaluate(
-            predictor, df, out_dir=out, batch_size=batch_size or 8, progress=bar.update
+            predictor, df, out_dir=out, batch_size=batch_size or 8, progress=bar.update,
+            postprocess=steps, post_cfg=inference.postprocess_config(model_path),
+            report=report,
         )
     click.echo(inference.format_summary(summary))
     click.echo(f"per-image scores: {Path(out) / 'per_image.csv'}")
+    if report:
+        click.echo(f"failure report: {Path(out) / 'report.html'}")
 
 
 @main.command()
-@click.argument("model_path", metavar="MODEL")
+@click.argument("model_paths", metavar="MODEL...", nargs=-1, required=True)
 @click.argument("input_path", metavar="INPUT")
 @click.option("--out", required=True, help="Folder for the masks.")
 @THRESHOLD_OPTION
 @click.option("--probabilities", is_flag=True, help="Also write probability maps.")
 @click.option("--overlay", is_flag=True, help="Also write overlays of the mask on the image.")
 @BATCH_OPTION
+@ENSEMBLE_OPTION
+@TTA_OPTION
+@POSTPROCESS_OPTION
+@click.option("--mc-samples", type=click.IntRange(min=2), default=None,
+              help="Monte-Carlo dropout: average N dropout draws (models with dropout) and "
+                   "also write <id>_mean.png and <id>_std.png (std x 510).")
 @handle_errors
-def predict(model_path, input_path, out, threshold, probabilities, overlay, batch_size):
-    """Segment an image file or a folder; writes 0/255 PNG masks at original size."""
+def predict(model_paths, input_path, out, threshold, probabilities, overlay, batch_size,
+            ensemble, tta, postprocess, mc_samples):
+    """Segment an image file or a folder; writes 0/255 PNG masks at original size.
+
+    With --ensemble, the probabilities of MODEL... are averaged.
+    """
     _quiet_tensorflow_import()
     from lesionkeras import inference
+    from lesionkeras import postprocess as postprocess_lib
     from lesionkeras.data import check
 
-    predictor = inference.load_predictor(model_path, threshold=threshold)
-    for note in predictor.notes:
-        click.echo(note, err=True)
+    from lesionkeras.classify import tasks
+
+    if tasks.run_task(model_paths[0]) != "segment":
+        # ISIC 2018 Task 2/3 runs write the challenge's submission formats.
+        if len(model_paths) > 1 or tta != "none" or postprocess or mc_samples or overlay:
+            raise click.UsageError("--ensemble, --tta, --postprocess, --mc-samples and "
+                                   "--overlay are for segmentation runs only.")
+        click.echo(tasks.predict(model_paths[0], input_path, out, batch_size=batch_size))
+        return
+    steps = postprocess_lib.parse_steps(postprocess)
+    if mc_samples and (ensemble or tta != "none"):
+        raise click.UsageError("--mc-samples combines with neither --ensemble nor --tta.")
+    predictor = _load_predictor(model_paths, ensemble, tta, threshold)
     df = inference.list_images(input_path)
     check.validate(df, require_masks=False, source=input_path)
     with click.progressbar(length=len(df), label="predicting", file=sys.stderr) as bar:
         written = inference.predict(
             predictor, df, out, probabilities=probabilities, overlays=overlay,
-            batch_size=batch_size or 8, progress=bar.update,
+            batch_size=batch_size or 8, progress=bar.update, postprocess=steps,
+            post_cfg=inference.postprocess_config(model_paths[0]), mc_samples=mc_samples or 0,
         )
-    click.echo(f"wrote {len(written)} masks to {out}")
+    structures = getattr(predictor, "structures", ())
+    if len(structures) > 1:
+        click.echo(f"wrote {len(written)} x {len(structures)} masks (<id>_<structure>.png; "
+                   f"{', '.join(structures)}) to {out}")
+    else:
+        click.echo(f"wrote {len(written)} masks to {out}")
 
 
 @main.command(name="export")
@@ -342,20 +465,37 @@ def predict(model_path, input_path, out, threshold, probabilities, overlay, batc
               help="Synthetic images of the parity check against the Keras model.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Largest accepted absolute probability difference.")
+@click.option("--quantize", type=click.Choice(["none", "float16", "dynamic", "int8"]),
+              default="none", show_default=True,
+              help="TFLite quantisation: float16 weights, dynamic-range int8 weights, or "
+                   "int8 weights and activations (needs --representative-data).")
+@click.option("--representative-data", type=click.Path(), default=None,
+              help="int8: folder of real images calibrating the activation ranges.")
+@click.option("--min-dice", type=click.FloatRange(0, 1), default=0.98, show_default=True,
+              help="Quantised exports: smallest accepted mask Dice agreement with Keras.")
 @handle_errors
-def export_cmd(model_path, fmt, out, threshold, parity_images, tolerance):
+def export_cmd(model_path, fmt, out, threshold, parity_images, tolerance, quantize,
+               representative_data, min_dice):
     """Export MODEL (run directory or .keras) with preprocessing baked in, then check parity.
 
     The export is refused (exit 1, nothing left at --out) when the artefact's
-    probabilities differ from the Keras model's by more than --tolerance.
+    probabilities differ from the Keras model's by more than --tolerance, or,
+    quantised, when its masks agree with the Keras masks below --min-dice.
     """
     _quiet_tensorflow_import()
     from lesionkeras import export
+    from lesionkeras.classify import tasks
 
+    if tasks.run_task(model_path) != "segment":
+        raise click.UsageError(
+            f"{model_path}: export of `{tasks.run_task(model_path)}` runs is not supported yet "
+            "(their model.keras loads with keras.saving.load_model)."
+        )
     try:
         result = export.export_model(
             model_path, out, format=fmt, parity_count=parity_images, tolerance=tolerance,
             threshold=threshold, log=lambda line: click.echo(line, err=line.startswith("warning:")),
+            quantize=quantize, representative_data=representative_data, min_dice=min_dice,
         )
     except export.ParityError as e:
         _fail([str(e)], 1)

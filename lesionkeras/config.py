@@ -81,6 +81,11 @@ class DataConfig:
 class AugmentConfig:
     flip: bool = _field(True, "Random horizontal and vertical flips.")
     rotate90: bool = _field(True, "Random rotations by multiples of 90 degrees.")
+    dihedral: bool = _field(
+        False,
+        "One of the 8 dihedral transforms (4 rotations by 90 degrees, each with or without a "
+        "flip), uniformly at random; when true it replaces `flip` and `rotate90`.",
+    )
     rotation: float = _field(0.0, "Random rotation up to this many degrees (0 = off).", minimum=0.0)
     zoom: float = _field(0.0, "Random zoom in/out by up to this fraction (0 = off).", minimum=0.0)
     brightness: float = _field(0.0, "Colour jitter: brightness factor (0 = off).", minimum=0.0)
@@ -108,6 +113,10 @@ class ModelConfig:
         "",
         "ResNet U-Nets: local encoder weights (`.weights.h5` of a keras-hub ResNetBackbone, "
         "or a keras-hub preset folder); empty = random initialisation.",
+    )
+    encoder_filters: int = _field(
+        64, "vgg19se: filters of the first VGG19 block (64 = VGG19; smaller for quick tests).",
+        minimum=1,
     )
 
 
@@ -159,14 +168,19 @@ class TrainConfig:
     )
     image_count: int = _field(4, "Validation images shown in the TensorBoard grid.", minimum=1)
     progress: bool = _field(True, "Show the Keras progress bar.")
+    freeze_encoder_epochs: int = _field(
+        0, "Train with the model's encoder frozen for the first N epochs, then train all "
+        "(baseline, segan; models with an encoder, e.g. vgg19se; ISIC 2018 report: 50).",
+        minimum=0,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class MetaConfig:
     meta_grad: str = _field(
-        "nested",
-        "meta: how eq. 7 is differentiated: `nested` tapes (reference) or `forward` "
-        "(closed form at W0 = 0, one forward-mode pass).",
+        "forward",
+        "meta: how eq. 7 is differentiated: `forward` (closed form at W0 = 0, one "
+        "forward-mode pass; the default, faster and lighter) or `nested` tapes (the reference).",
         choices=("nested", "forward"),
     )
     clean_batch_size: int = _field(10, "meta: clean images per step (paper: 10).", minimum=1)
@@ -224,6 +238,14 @@ class SeganConfig:
         0, "segan: first epochs trained on the supervised term alone (critic still trained).",
         minimum=0,
     )
+    hard_mining_weight: float = _field(
+        0.0, "segan: weight of the hard-mining term, the mean soft-Dice loss of the "
+        "`hard_mining_count` worst images of the batch (ISIC 2018 report; 0 = off).",
+        minimum=0.0,
+    )
+    hard_mining_count: int = _field(
+        5, "segan: images per batch (per replica) in the hard-mining term.", minimum=1
+    )
     threshold_search: bool = _field(
         True,
         "segan: after training, grid-search `train.threshold` (0.05-0.95) for the best mean "
@@ -255,6 +277,25 @@ class SmileConfig:
         "the lesion), so that known labels follow the nesting; empty = the paper's rule "
         "for mutually exclusive structures.",
     )
+    relabel_rounds: int = _field(
+        0,
+        "smile: SMILEr rounds T after SMILE training (0 = off); round t adds the top "
+        "t / T * gamma_max of the predicted-positive unknown pixels of each non-annotated "
+        "structure as positive labels, then retrains (warm start).",
+        minimum=0,
+    )
+    gamma_max: float = _field(
+        1.0, "smile: SMILEr fraction of the candidate pixels added in the last round.",
+        minimum=0.0,
+    )
+    relabel_epochs: int = _field(5, "smile: training epochs of each SMILEr round.", minimum=1)
+    uncertainty: str = _field(
+        "score",
+        "smile: SMILEr pixel choice: `score` (highest probability first) or `mc-dropout` "
+        "(lowest MC-dropout standard deviation first; needs a model with dropout > 0).",
+        choices=("score", "mc-dropout"),
+    )
+    mc_samples: int = _field(10, "smile: MC-dropout samples of `uncertainty = mc-dropout`.", minimum=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +316,143 @@ class Unet34Config:
     stage2_lr: float = _field(
         0.0, "unet34: (peak) learning rate of stage 2 (0 = the stage-1 rate / 10).", minimum=0.0
     )
+    lr_find: bool = _field(
+        False,
+        "unet34: before each stage, run the LR range test on that stage's model (frozen or "
+        "unfrozen) and train with the suggested rate (stage1_lr/stage2_lr are then unused).",
+    )
+    lr_find_steps: int = _field(
+        100, "unet34: batches of each stage's LR range test (it stops early on divergence).",
+        minimum=2,
+    )
+    pyramid: str = _field(
+        "",
+        "unet34: pyramid transfer, comma-separated sizes (e.g. `128,256`): the stages run at "
+        "each size in turn on the same model; the last size must equal data.image_size, at "
+        "which validation runs throughout (empty = off).",
+    )
+    pyramid_epochs: str = _field(
+        "",
+        "unet34: comma-separated epochs of every (size, stage) in run order, e.g. `10,10,5,5` "
+        "for two sizes (0 skips that stage; empty = stage1_epochs/stage2_epochs at each size).",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PostprocessConfig:
+    min_component_fraction: float = _field(
+        0.001,
+        "postprocess morph: remove connected components smaller than this fraction of the "
+        "image area (0 = keep all).",
+        minimum=0.0,
+    )
+    fill_holes: bool = _field(True, "postprocess morph: fill holes enclosed by the mask.")
+    keep_largest: bool = _field(
+        True, "postprocess morph: keep only the largest connected component (one lesion)."
+    )
+    crf_iterations: int = _field(
+        5, "postprocess crf: mean-field iterations of the dense CRF.", minimum=1
+    )
+    crf_gaussian_sxy: float = _field(
+        3.0, "postprocess crf: spatial std (pixels) of the Gaussian smoothness kernel.",
+        minimum=0.0,
+    )
+    crf_gaussian_compat: float = _field(
+        3.0, "postprocess crf: weight of the Gaussian smoothness kernel.", minimum=0.0
+    )
+    crf_bilateral_sxy: float = _field(
+        40.0, "postprocess crf: spatial std (pixels) of the bilateral appearance kernel.",
+        minimum=0.0,
+    )
+    crf_bilateral_srgb: float = _field(
+        13.0, "postprocess crf: colour std (0-255) of the bilateral appearance kernel.",
+        minimum=0.0,
+    )
+    crf_bilateral_compat: float = _field(
+        10.0, "postprocess crf: weight of the bilateral appearance kernel.", minimum=0.0
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifyConfig:
+    labels: str = _field(
+        "",
+        "classify: label CSV (ISIC 2018 Task 3 one-hot, HAM10000 metadata with `dx`, or ISIC "
+        "2017 `melanoma`[/`seborrheic_keratosis`] classes); empty = `data.source` if it is a "
+        "CSV, else the one label CSV found below it. The class list comes from the file.",
+    )
+    images: str = _field(
+        "", "classify: image folder searched by image id (empty = the data folder / the CSV's folder)."
+    )
+    backbone: str = _field(
+        "resnet101", "classify: keras-hub ResNet backbone (built from its config, no download).",
+        choices=("resnet18", "resnet34", "resnet50", "resnet101"),
+    )
+    backbone_weights: str = _field(
+        "", "classify: local `.weights.h5` of the same backbone; empty = random initialisation."
+    )
+    embedding_dim: int = _field(256, "classify: size of the embedding after pooling.", minimum=1)
+    resize_width: int = _field(360, "classify: images are first resized to this width.", minimum=16)
+    resize_height: int = _field(270, "classify: ... and this height.", minimum=16)
+    crop: int = _field(
+        256, "classify: side of the random training crop (validation/prediction: centre crop).",
+        minimum=16,
+    )
+    triplet_mode: str = _field(
+        "alternate_batch",
+        "classify/triplet: `alternate_batch` (of every `triplet_every` steps the last minimises "
+        "the triplet loss, the others cross-entropy), `alternate_epoch` (the same by epochs), "
+        "or `joint` (CE + triplet_weight x triplet every step).",
+        choices=("alternate_batch", "alternate_epoch", "joint"),
+    )
+    triplet_every: int = _field(
+        2, "classify/triplet: period of the alternation, in steps or epochs.", minimum=1
+    )
+    margin: float = _field(0.2, "classify/triplet: margin alpha of the triplet loss.", minimum=0.0)
+    triplet_weight: float = _field(1.0, "classify/triplet: scale of the triplet loss.", minimum=0.0)
+    negatives: str = _field(
+        "majority",
+        "classify/triplet: negatives from the `majority` class of the training split (anchors "
+        "and positives from the other classes; the paper), or from any `other` class.",
+        choices=("majority", "other"),
+    )
+    normalize_embedding: bool = _field(
+        True, "classify: L2-normalise embeddings for the triplet loss and nearest-mean prediction."
+    )
+    predict_by: str = _field(
+        "auto",
+        "classify: `softmax`, `nearest_mean` (least mean Euclidean distance to the stored "
+        "training embeddings of each class), or `auto` (nearest_mean for triplet, softmax "
+        "for softmax).",
+        choices=("auto", "softmax", "nearest_mean"),
+    )
+    references_per_class: int = _field(
+        100, "classify: training images per class sampled for nearest_mean (stored in the run).",
+        minimum=1,
+    )
+    lr_step_epochs: int = _field(
+        100, "classify: multiply the learning rate by lr_step_factor every N epochs.", minimum=1
+    )
+    lr_step_factor: float = _field(0.1, "classify: see lr_step_epochs.", minimum=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributesConfig:
+    mask_weight: float = _field(
+        1.0, "attributes: weight of the pixel cross-entropy of the 5 attribute masks.", minimum=0.0
+    )
+    presence_weight: float = _field(
+        1.0, "attributes: weight of the multi-label soft-margin loss of attribute presence.",
+        minimum=0.0,
+    )
+    init_from: str = _field(
+        "", "attributes: a Task 1 run (or its model.keras) whose `encoder` initialises the "
+        "VGG19 features; empty = random initialisation.",
+    )
+    lr_step_epochs: int = _field(
+        100, "attributes: multiply the learning rate by lr_step_factor every N epochs.", minimum=1
+    )
+    lr_step_factor: float = _field(0.1, "attributes: see lr_step_epochs.", minimum=0.0)
 
 
 SECTIONS = {
@@ -286,9 +464,22 @@ SECTIONS = {
     "segan": SeganConfig,
     "smile": SmileConfig,
     "unet34": Unet34Config,
+    "postprocess": PostprocessConfig,
+    "classify": ClassifyConfig,
+    "attributes": AttributesConfig,
 }
 METHODS = (
     "baseline", "meta", "image-reweight", "finetune", "segan", "smile", "multiclass", "unet34",
+    "triplet", "softmax", "multitask",
+)
+TASKS = ("segment", "attributes", "classify")
+# The methods of each task (`--task` selects data, models, metrics and outputs).
+TASK_METHODS = {
+    "classify": ("triplet", "softmax"),
+    "attributes": ("multitask",),
+}
+TASK_METHODS["segment"] = tuple(
+    m for m in METHODS if not any(m in v for v in TASK_METHODS.values())
 )
 # The model a method trains when `model.name` is left empty.
 DEFAULT_MODELS = {"segan": "segan", "unet34": "resnet34_unet"}
@@ -297,8 +488,21 @@ DEFAULT_MODELS = {"segan": "segan", "unet34": "resnet34_unet"}
 @dataclasses.dataclass(frozen=True)
 class Config:
     method: str = _field("baseline", "Training method.")
+    task: str = _field(
+        "segment",
+        "ISIC task: `segment` (Task 1, lesion masks), `attributes` (Task 2, method "
+        "multitask), or `classify` (Task 3, methods triplet and softmax).",
+        choices=TASKS,
+    )
     seed: int = _field(0, "Seed of every random choice (data split, weights, augmentation).")
     out: str = _field("", "Run directory (empty: runs/<method>-<timestamp>).")
+    stages: tuple = _field(
+        (),
+        "unet34: training stages in order, as `[[stages]]` tables with `trainable` (`decoder`: "
+        "encoder frozen; `all_but_bn`: batch norms frozen; `all`), `epochs` and `lr` (a "
+        "number, or \"find\" for the LR range test on that stage's model; default train.lr); "
+        "empty = the two stages of the [unet34] table.",
+    )
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -307,6 +511,9 @@ class Config:
     segan: SeganConfig = dataclasses.field(default_factory=SeganConfig)
     smile: SmileConfig = dataclasses.field(default_factory=SmileConfig)
     unet34: Unet34Config = dataclasses.field(default_factory=Unet34Config)
+    postprocess: PostprocessConfig = dataclasses.field(default_factory=PostprocessConfig)
+    classify: ClassifyConfig = dataclasses.field(default_factory=ClassifyConfig)
+    attributes: AttributesConfig = dataclasses.field(default_factory=AttributesConfig)
 
     @property
     def model_name(self) -> str:
@@ -374,6 +581,50 @@ def _check_value(cls, f: dataclasses.Field, value, where: str):
     return value
 
 
+#: `trainable` of a `[[stages]]` table: what the stage trains.
+STAGE_TRAINABLE = ("decoder", "all_but_bn", "all")
+
+
+def _check_stages(value, origin):
+    """`[[stages]]` tables -> tuple of `{"trainable", "epochs"[, "lr"]}` dicts."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(
+            f"{origin}: `stages` must be an array of tables ([[stages]]). Received: {value!r}"
+        )
+    checked = []
+    for i, table in enumerate(value, 1):
+        where = f"stages[{i}]"
+        unknown = sorted(set(table) - {"trainable", "epochs", "lr"})
+        if unknown:
+            raise ConfigError(f"{origin}: unknown config key `{where}.{unknown[0]}`")
+        for key in ("trainable", "epochs"):
+            if key not in table:
+                raise ConfigError(f"{origin}: `{where}` needs `{key}`")
+        if table["trainable"] not in STAGE_TRAINABLE:
+            raise ConfigError(
+                f"{origin}: `{where}.trainable` must be one of {', '.join(STAGE_TRAINABLE)}. "
+                f"Received: {table['trainable']!r}"
+            )
+        epochs = table["epochs"]
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(
+                f"{origin}: `{where}.epochs` must be an integer >= 1. Received: {epochs!r}"
+            )
+        stage = {"trainable": table["trainable"], "epochs": epochs}
+        if "lr" in table:
+            lr = table["lr"]
+            ok = lr == "find" or (
+                isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0
+            )
+            if not ok:
+                raise ConfigError(
+                    f"{origin}: `{where}.lr` must be a number > 0 or \"find\". Received: {lr!r}"
+                )
+            stage["lr"] = lr if lr == "find" else float(lr)
+        checked.append(stage)
+    return tuple(checked)
+
+
 def _build(cls, values: dict, prefix: str, origin: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -382,7 +633,9 @@ def _build(cls, values: dict, prefix: str, origin: str):
         if key not in fields:
             raise ConfigError(f"{origin}: unknown config key `{where}`")
         f = fields[key]
-        if key in SECTIONS and not prefix:
+        if key == "stages" and not prefix:
+            kwargs[key] = _check_stages(value, origin)
+        elif key in SECTIONS and not prefix:
             if not isinstance(value, dict):
                 raise ConfigError(f"{origin}: `{where}` must be a table ([{key}])")
             kwargs[key] = _build(SECTIONS[key], value, f"{key}.", origin)
@@ -429,6 +682,10 @@ def from_dict(values: dict, origin: str = "config") -> Config:
             f"{origin}: `smile.simulate_missing` must be in [0, 1]. "
             f"Received: {cfg.smile.simulate_missing}"
         )
+    if cfg.smile.gamma_max > 1.0:
+        raise ConfigError(
+            f"{origin}: `smile.gamma_max` must be in [0, 1]. Received: {cfg.smile.gamma_max}"
+        )
     sg = cfg.segan
     for key, ok, rule in (
         ("clip", sg.clip > 0, "> 0"),
@@ -448,9 +705,72 @@ def from_dict(values: dict, origin: str = "config") -> Config:
             f"{origin}: `data.color_constancy` is not supported by `method = {cfg.method!r}` "
             "yet; use \"none\""
         )
+    if cfg.method not in TASK_METHODS[cfg.task]:
+        raise ConfigError(
+            f"{origin}: `task = {cfg.task!r}` needs `method` to be one of "
+            f"{', '.join(TASK_METHODS[cfg.task])}. Received: {cfg.method!r}"
+        )
+    if cfg.classify.crop > min(cfg.classify.resize_width, cfg.classify.resize_height):
+        raise ConfigError(
+            f"{origin}: `classify.crop` ({cfg.classify.crop}) must not exceed "
+            f"`classify.resize_width`/`classify.resize_height` "
+            f"({cfg.classify.resize_width}x{cfg.classify.resize_height})"
+        )
+    if cfg.stages and cfg.method != "unet34":
+        raise ConfigError(
+            f"{origin}: `[[stages]]` needs `method = \"unet34\"`. Received: {cfg.method!r}"
+        )
+    _check_pyramid(cfg, origin)
     if len(cfg.data.mean) not in (0, 3) or len(cfg.data.std) not in (0, 3):
         raise ConfigError(f"{origin}: `data.mean` and `data.std` need 3 values each")
     return cfg
+
+
+def parse_int_list(text: str, key: str) -> list[int]:
+    """`"128, 256"` -> `[128, 256]`; raises `ConfigError` naming `key` otherwise."""
+    try:
+        return [int(part) for part in text.split(",")] if text.strip() else []
+    except ValueError:
+        raise ConfigError(
+            f"`{key}` must be comma-separated integers. Received: {text!r}"
+        ) from None
+
+
+def _check_pyramid(cfg, origin):
+    u = cfg.unet34
+    try:
+        sizes = parse_int_list(u.pyramid, "unet34.pyramid")
+        epochs = parse_int_list(u.pyramid_epochs, "unet34.pyramid_epochs")
+    except ConfigError as e:
+        raise ConfigError(f"{origin}: {e}") from None
+    if u.pyramid_epochs and not sizes:
+        raise ConfigError(f"{origin}: `unet34.pyramid_epochs` needs `unet34.pyramid`")
+    if not sizes:
+        return
+    if cfg.method != "unet34":
+        raise ConfigError(
+            f"{origin}: `unet34.pyramid` needs `method = \"unet34\"`. Received: {cfg.method!r}"
+        )
+    bad = [s for s in sizes if s < 32 or s % 32]
+    if bad:
+        raise ConfigError(
+            f"{origin}: `unet34.pyramid` sizes must be multiples of 32 (the ResNet encoder "
+            f"halves the input five times). Received: {u.pyramid!r}"
+        )
+    if sizes[-1] != cfg.data.image_size:
+        raise ConfigError(
+            f"{origin}: the last `unet34.pyramid` size ({sizes[-1]}) must equal "
+            f"`data.image_size` ({cfg.data.image_size}), the size of validation and prediction"
+        )
+    if cfg.data.crop_size:
+        raise ConfigError(f"{origin}: `unet34.pyramid` cannot be combined with `data.crop_size`")
+    per_size = len(cfg.stages) or 2
+    if epochs and (len(epochs) != per_size * len(sizes) or min(epochs) < 0 or not sum(epochs)):
+        raise ConfigError(
+            f"{origin}: `unet34.pyramid_epochs` needs {per_size * len(sizes)} non-negative "
+            f"entries (each of the {per_size} stages at each of the {len(sizes)} sizes), not "
+            f"all 0. Received: {u.pyramid_epochs!r}"
+        )
 
 
 def read_toml(path) -> dict:

@@ -1,8 +1,12 @@
-"""Errors that the CLI turns into one clear line and exit code 2."""
+"""Errors that the CLI turns into one clear line: exit code 2, or 1 for `TrainingError`."""
 
 
 class LesionKerasError(Exception):
     """Base class of the expected failures (bad input, bad config)."""
+
+
+class TrainingError(LesionKerasError):
+    """The job itself failed (e.g. the loss became NaN): exit code 1."""
 
 
 class ConfigError(LesionKerasError):

@@ -29,11 +29,12 @@ from lesionkeras import schedules
 from lesionkeras.callbacks import ImageGrid, LearningRateLogger, StopOnNaN
 from lesionkeras.data import check, pipeline, sources
 from lesionkeras.distribute import resolve_strategy, set_precision
-from lesionkeras.errors import ConfigError, DataError, LesionKerasError
+from lesionkeras.errors import ConfigError, DataError, TrainingError  # noqa: F401 (re-exported)
 from lesionkeras.trainers import baseline, finetune, meta
 from lesionkeras.trainers import segan
 from lesionkeras.trainers import smile
 from lesionkeras.trainers import unet34
+from lesionkeras.trainers.stages import FreezeEncoder, check_freeze_encoder
 
 # A trainer module provides `build(cfg[, steps_per_epoch])` and may provide
 # `load_manifest(cfg)` (its own data sources, or None), `prepare_manifest(cfg, df)`
@@ -45,15 +46,12 @@ from lesionkeras.trainers import unet34
 # `setup(model)`, run in the strategy scope before it (e.g. freeze layers and recompile).
 # `val_dataset(cfg, val_df, mean, std, batch_size)` builds its own validation batches.
 # `after_fit(cfg, best_model, val_ds, log)` -> (cfg, model) runs on the best checkpoint
-# before the final validation (e.g. a threshold search stored in config.toml).
+# before the final validation (e.g. a threshold search stored in config.toml); it is
+# also given those of `train_df`/`mean`/`std` it takes as keywords (e.g. SMILEr rounds).
 TRAINERS = {
     "baseline": baseline, "meta": meta, "image-reweight": meta, "finetune": finetune,
     "segan": segan, "smile": smile, "multiclass": smile, "unet34": unet34,
 }
-
-
-class TrainingError(LesionKerasError):
-    """The job itself failed (e.g. the loss became NaN): exit code 1."""
 
 
 @dataclasses.dataclass
@@ -83,6 +81,8 @@ def prepare_data(cfg, *, require_masks=True):
             synthetic_size=d.synthetic_size or d.image_size,
             synthetic_seed=0,
         )
+    # A trainer may accept images without a `mask` (e.g. SMILE: the lesion not annotated).
+    require_masks = require_masks and getattr(trainer, "REQUIRE_MASKS", True)
     report = check.validate(df, require_masks=require_masks, source=d.source)
     val_ids = None
     if d.val_list:
@@ -130,8 +130,8 @@ def build_for_training(trainer, cfg, steps_per_epoch):
 
 def _check_sizes(cfg):
     depth = cfg.model.depth if cfg.model_name in ("unet", "segan") else 0
-    if cfg.model_name.startswith("resnet"):
-        depth = 5  # the ResNet encoder halves the input five times
+    if cfg.model_name.startswith("resnet") or cfg.model_name in ("vgg19se", "deeplabv3plus"):
+        depth = 5  # the ResNet/VGG encoder halves the input five times
     size = cfg.data.crop_size or cfg.data.image_size
     if depth and size % (2**depth):
         raise ConfigError(
@@ -159,7 +159,17 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
         log: callable. Where status lines go.
         extra_callbacks: sequence of `keras.callbacks.Callback`, run after the built-in ones.
     """
+    if cfg.task != "segment":
+        # ISIC 2018 Tasks 2 and 3 have their own data, models and metrics.
+        from lesionkeras.classify import tasks
+
+        return tasks.fit(cfg, resume_dir=resume_dir, verbose=verbose, log=log,
+                         extra_callbacks=extra_callbacks)
     _check_sizes(cfg)
+    check_freeze_encoder(cfg)
+    # First, before any TensorFlow op: MultiWorkerMirroredStrategy must configure
+    # the runtime's collective ops before it starts.
+    strategy = resolve_strategy(cfg.train.strategy)
     if resume_dir:
         run_dir = Path(resume_dir)
     else:
@@ -197,7 +207,6 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
     cfg.save(run_dir / "config.toml")
 
     policy = set_precision(cfg.train.mixed_precision)
-    strategy = resolve_strategy(cfg.train.strategy)
     crop = d.crop_size
     trainer = TRAINERS[cfg.method]
     stages = None
@@ -244,6 +253,7 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
         LearningRateLogger(),
         # Before the loggers below, so that what they add to the logs is written.
         *_trainer_callbacks(trainer, cfg, train_df=train_df, mean=mean, std=std),
+        *([FreezeEncoder(cfg.train.freeze_encoder_epochs)] if cfg.train.freeze_encoder_epochs else []),
         *schedules.schedule_callbacks(cfg.train, monitor),
         keras.callbacks.ModelCheckpoint(
             str(run_dir / "model.keras"), monitor=monitor, mode="max", save_best_only=True,
@@ -291,6 +301,9 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
         if lr is not None:
             # After BackupAndRestore (first), which restores the optimiser's rate.
             stage_callbacks = [stage_callbacks[0], _SetLearningRate(lr), *stage_callbacks[1:]]
+        # BackupAndRestore sets this when it restores a backup and Keras never clears
+        # it, so after a resumed stage every later stage would restart at that epoch.
+        model._initial_epoch = None
         history = model.fit(
             stage_ds,
             validation_data=val_ds,
@@ -304,18 +317,16 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
         done += epochs
         if nan_stop.where:
             break
-    if nan_stop.where:
-        epoch, batch = nan_stop.where
-        raise TrainingError(
-            f"{run_dir}: the loss became NaN at epoch {epoch}, batch {batch}; "
-            "lower the learning rate (--lr) or check the data"
-        )
+    nan_stop.raise_if_stopped(run_dir)
     if not (run_dir / "model.keras").exists():
         model.save(run_dir / "model.keras")
     best = keras.saving.load_model(run_dir / "model.keras")
     if val_ds is not None and hasattr(trainer, "after_fit"):
         # E.g. a threshold chosen on validation, stored with the run.
-        cfg, best = trainer.after_fit(cfg, best, val_ds, log)
+        cfg, best = trainer.after_fit(
+            cfg, best, val_ds, log,
+            **_accepted(trainer.after_fit, train_df=train_df, mean=mean, std=std),
+        )
         cfg.save(run_dir / "config.toml")
     metrics = {}
     if val_ds is not None:
@@ -377,22 +388,29 @@ def fit_folds(cfg, folds, *, verbose=1, log=print, extra_callbacks=()) -> FitRes
     return FitResult(run_dir, mean, sum(r.epochs_run for r in results), results[0].warnings)
 
 
-def _trainer_callbacks(trainer, cfg, **data):
-    """`trainer.callbacks(cfg)`, also given those of `train_df`/`mean`/`std` it takes."""
+def _accepted(fn, **data):
+    """The items of `data` that `fn` takes as keyword arguments."""
     import inspect
 
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in data.items() if k in params}
+
+
+def _trainer_callbacks(trainer, cfg, **data):
+    """`trainer.callbacks(cfg)`, also given those of `train_df`/`mean`/`std` it takes."""
     if not hasattr(trainer, "callbacks"):
         return []
-    params = inspect.signature(trainer.callbacks).parameters
-    return trainer.callbacks(cfg, **{k: v for k, v in data.items() if k in params})
+    return trainer.callbacks(cfg, **_accepted(trainer.callbacks, **data))
 
 
 def _backup_epoch(backup_dir: Path):
-    """The epoch count recorded by `BackupAndRestore` in `backup_dir`, or None."""
-    meta = backup_dir / "training_metadata.json"
-    if not meta.exists():
-        return None
-    return int(json.loads(meta.read_text())["epoch"])
+    """The epoch count recorded by `BackupAndRestore` (or at a stage's start), or None."""
+    epochs = [
+        int(json.loads(path.read_text())["epoch"])
+        for path in (backup_dir / "training_metadata.json", backup_dir / "stage_start.json")
+        if path.exists()
+    ]
+    return max(epochs) if epochs else None
 
 
 def _carry_backup_into_stage(model, backup_dir: Path, done: int):
@@ -401,11 +419,24 @@ def _carry_backup_into_stage(model, backup_dir: Path, done: int):
     A stage's `setup` may recompile the model, so the backup's optimizer slots
     no longer match; the model weights are loaded (a no-op unless resuming at a
     stage boundary) and the backup is removed so `BackupAndRestore` starts afresh.
+    The weights are kept as `stage_start` until the stage writes its own backup,
+    so a run interrupted in the stage's first epoch resumes at the stage's start.
     """
+    def recorded(name):
+        path = backup_dir / name
+        return int(json.loads(path.read_text())["epoch"]) if path.exists() else None
+
     weights = backup_dir / "latest.weights.h5"
-    if _backup_epoch(backup_dir) != done or not weights.exists():
+    start = backup_dir / "stage_start.weights.h5"
+    latest = recorded("training_metadata.json")
+    if latest == done and weights.exists():
+        model.load_weights(weights, objects_to_skip=[model.optimizer])
+        model.save_weights(start)
+        (backup_dir / "stage_start.json").write_text(json.dumps({"epoch": done}))
+    elif latest is None and recorded("stage_start.json") == done and start.exists():
+        model.load_weights(start, objects_to_skip=[model.optimizer])
+    else:
         return
-    model.load_weights(weights, objects_to_skip=[model.optimizer])
     for name in ("latest.weights.h5", "training_metadata.json"):
         for path in (backup_dir / name, backup_dir / f"{name}.bkp"):
             path.unlink(missing_ok=True)
