@@ -44,7 +44,9 @@ setup(
         # tomllib is stdlib from 3.11 on; tomli is the same parser for 3.10.
         "tomli; python_version < '3.11'",
     ],
-    extras_require={"test": ["pytest"]},
+    # pytest-xdist: the suite runs in two worker processes (-n 2); most of a test's time is
+    # single-threaded graph building, so two processes use both cores.
+    extras_require={"test": ["pytest", "pytest-xdist"]},
     scripts=["bin/noise-table", "bin/clean-size-curve", "bin/missing-table"],
     entry_points={"console_scripts": ["lesionkeras=lesionkeras.cli:main"]},
 )
