@@ -7,6 +7,8 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+
+from _recorders import WeightRecorder
 from click.testing import CliRunner
 
 from lesionkeras import config as config_lib
@@ -73,26 +75,9 @@ def test_stage_datasets_have_each_stages_size():
     assert planned[0][0] is planned[1][0] and planned[1][0] is not planned[2][0]
 
 
-class _Recorder(keras.callbacks.Callback):
-    """All model weights at the start and the end of each fit."""
-
-    def __init__(self):
-        super().__init__()
-        self.fits = []
-
-    def _weights(self):
-        return [np.array(w) for w in self.model.weights]
-
-    def on_train_begin(self, logs=None):
-        self.fits.append([self._weights()])
-
-    def on_train_end(self, logs=None):
-        self.fits[-1].append(self._weights())
-
-
 @pytest.mark.slow
 def test_cli_pyramid_carries_weights_one_continuous_run(tmp_path, monkeypatch):
-    recorder = _Recorder()
+    recorder = WeightRecorder()
     monkeypatch.setattr(unet34, "callbacks", lambda cfg: [recorder], raising=False)
     seen = []
     real_stages = unet34.stages
@@ -162,11 +147,11 @@ def test_pyramid_run_resumes_at_a_stage_start(tmp_path):
     # Interrupted in the first epoch of the 64 px stage 1, before it wrote a backup.
     cfg = _cfg(**{"unet34.pyramid": "32,64", "unet34.pyramid_epochs": "1,1,1,1",
                   "out": str(tmp_path / "run")})
-    recorder = _Recorder()
+    recorder = WeightRecorder()
     with pytest.raises(KeyboardInterrupt):
         run.fit(cfg, verbose=0, log=lambda line: None, extra_callbacks=[recorder, _Interrupt(2)])
     end_of_stage_2 = recorder.fits[1][1]
-    resumed = _Recorder()
+    resumed = WeightRecorder()
     run.fit(run.load_run_config(tmp_path / "run"), resume_dir=tmp_path / "run", verbose=0,
             log=lambda line: None, extra_callbacks=[resumed])
     assert list(pd.read_csv(tmp_path / "run" / "history.csv")["epoch"]) == [0, 1, 2, 3]

@@ -6,6 +6,8 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+
+from _recorders import WeightRecorder
 from click.testing import CliRunner
 
 from lesionkeras import config as config_lib
@@ -34,26 +36,9 @@ stage2_lr = 0.002
 """
 
 
-class _EncoderRecorder(keras.callbacks.Callback):
-    """Encoder weights (trainable and batch-norm statistics) at the start and end of each fit."""
-
-    def __init__(self):
-        super().__init__()
-        self.fits = []
-
-    def _weights(self):
-        return [np.array(w) for w in self.model.get_layer("encoder").weights]
-
-    def on_train_begin(self, logs=None):
-        self.fits.append([self._weights()])
-
-    def on_train_end(self, logs=None):
-        self.fits[-1].append(self._weights())
-
-
 @pytest.mark.slow
 def test_cli_unet34_two_stages_frozen_encoder(tmp_path, monkeypatch):
-    recorder = _EncoderRecorder()
+    recorder = WeightRecorder("encoder")
     monkeypatch.setattr(unet34, "callbacks", lambda cfg: [recorder], raising=False)
     (tmp_path / "tiny.toml").write_text(TINY_TOML)
     run = tmp_path / "run"
