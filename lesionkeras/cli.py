@@ -208,7 +208,8 @@ def fit(config_file, resume, kfold, **flags):
         if config_file:
             raise click.UsageError("--resume reads the run's own config; drop --config.")
         if kfold:
-            raise click.UsageError("--folds cannot be combined with --resume.")
+            raise click.UsageError("--folds cannot be combined with --resume (a run with "
+                                   "folds resumes all of them).")
         cfg = config_lib.load_config(Path(resume) / "config.toml")
         cfg = cfg.override(overrides)
     else:
@@ -220,6 +221,9 @@ def fit(config_file, resume, kfold, **flags):
     try:
         if kfold:
             result = run.fit_folds(cfg, kfold, log=click.echo)
+        elif resume and run.fold_count(resume):
+            kfold = run.fold_count(resume)
+            result = run.fit_folds(cfg, resume_dir=resume, log=click.echo)
         else:
             result = run.fit(cfg, resume_dir=resume, log=click.echo)
     except KeyboardInterrupt:

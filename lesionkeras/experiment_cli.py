@@ -1,4 +1,5 @@
-"""Commands behind `bin/noise-table` and `bin/clean-size-curve` (see `experiments`)."""
+"""Commands behind `bin/noise-table`, `bin/clean-size-curve` (see `experiments`) and
+`bin/missing-table` (see `trainers.missing_table`)."""
 
 from __future__ import annotations
 
@@ -53,15 +54,16 @@ def _base_config(config_file, flags):
     return config_lib.load_config(config_file, overrides)
 
 
-def _run(fn, out, name):
+def _run(fn, out, name, markdown=None):
     try:
         df = fn()
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; run the same command again to continue ({out})", err=True)
         sys.exit(130)
-    from lesionkeras.experiments import _markdown
+    if markdown is None:
+        from lesionkeras.experiments import _markdown as markdown
 
-    click.echo(_markdown(df))
+    click.echo(markdown(df))
     click.echo(f"wrote {out}/{name}.csv, .md, .png")
 
 
@@ -124,3 +126,50 @@ def clean_size_curve(config_file, out, sizes, level, methods, **flags):
     _run(lambda: experiments.clean_size_curve(cfg, out, sizes=sizes, level=level,
                                               methods=chosen, log=click.echo),
          out, "clean_size_curve")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder of the runs and the table files.")
+@click.option("--data", default=None, help="Data folder, manifest CSV or `synthetic`.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML config every run starts from.")
+@click.option("--alphas", default="0,0.5,0.7", show_default=True,
+              help="Comma-separated fractions of removed annotations.")
+@click.option("--methods", default="multiclass,smile,smiler", show_default=True)
+@click.option("--structures", default=None, help="Comma-separated structures.")
+@click.option("--image-size", type=click.IntRange(min=16), default=None)
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@click.option("--relabel-epochs", type=click.IntRange(min=1), default=None)
+@click.option("--relabel-rounds", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--model", default=None, help="Registered model name.")
+@click.option("--filters", type=click.IntRange(min=1), default=None)
+@click.option("--limit", type=click.IntRange(min=0), default=None)
+@click.option("--seed", type=int, default=None)
+@handle_errors
+def missing_table(out, config_file, alphas, methods, relabel_rounds, **flags):
+    """Baseline (softmax) vs SMILE vs SMILEr at several missing-label rates alpha.
+
+    Writes OUT/missing_table.{csv,md,png} and one run directory per (method,
+    alpha) in OUT/runs/; run the same command again to continue.
+    """
+    try:
+        alpha_values = [float(a) for a in alphas.split(",") if a.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers; got {alphas!r}",
+                                 param_hint="--alphas") from None
+    keys = {"data": "data.source", "structures": "smile.structures",
+            "image_size": "data.image_size", "epochs": "train.epochs",
+            "relabel_epochs": "smile.relabel_epochs", "model": "model.name",
+            "filters": "model.filters", "limit": "data.limit", "seed": "seed"}
+    overrides = {keys[k]: v for k, v in flags.items() if v is not None}
+    overrides["train.progress"] = False
+    _quiet_tensorflow_import()
+    from lesionkeras.trainers import missing_table as mt
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    _run(lambda: mt.missing_table(out, alphas=alpha_values, methods=chosen, config=config_file,
+                                  overrides=overrides, relabel_rounds=relabel_rounds,
+                                  log=click.echo),
+         out, "missing_table",
+         markdown=lambda t: mt.to_markdown(t, [c[5:] for c in t.columns if c.startswith("dice_")]))

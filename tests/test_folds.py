@@ -2,7 +2,9 @@
 
 import json
 
+import keras
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from click.testing import CliRunner
@@ -65,3 +67,43 @@ def test_fit_folds_checks_its_arguments(tmp_path):
         run_lib.fit_folds(cfg, 1)
     with pytest.raises(ConfigError, match="val_list"):
         run_lib.fit_folds(cfg.override({"data.val_list": "x.txt"}), 2)
+
+
+class _InterruptAt(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt at the end of the n-th epoch seen over all folds."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.seen = n, 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seen += 1
+        if self.seen == self.n:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_folds_resume_where_they_stopped(tmp_path):
+    out = tmp_path / "run"
+    cfg = config_lib.load_config(None, {
+        "out": str(out), "data.image_size": 32, "model.filters": 4, "model.depth": 2,
+        "train.batch_size": 4, "data.limit": 12, "train.epochs": 2, "train.progress": False,
+    })
+    with pytest.raises(KeyboardInterrupt):
+        # Fold 0 finishes its 2 epochs; fold 1 stops after its first.
+        run_lib.fit_folds(cfg, 2, verbose=0, extra_callbacks=[_InterruptAt(3)])
+    assert not (out / "summary.json").exists()
+    fold0_model = (out / "fold0" / "model.keras").read_bytes()
+
+    res = CliRunner().invoke(main, ["fit", "--resume", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "fold 2 of 2" in res.output
+    for i in range(2):
+        history = pd.read_csv(out / f"fold{i}" / "history.csv")
+        assert history["epoch"].tolist() == [0, 1]
+    # Fold 0 was finished: resuming it trained nothing more.
+    assert (out / "fold0" / "model.keras").read_bytes() == fold0_model
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["per_fold"]) == {"fold0", "fold1"}
+
+    res = CliRunner().invoke(main, ["fit", "--resume", str(out), "--folds", "2"])
+    assert res.exit_code == 2 and "--folds cannot be combined" in res.output

@@ -41,11 +41,47 @@ def test_missing_table_writes_csv_markdown_png(tmp_path):
 
 
 def test_missing_table_bad_input_exits_2(tmp_path):
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "x").write_text("")
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path / "full")],
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path / "t"), "--alphas", "0,1.5"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {tmp_path / 'full'}: output folder exists and is not empty"
+    assert proc.stderr.strip() == "error: `alphas` must be in [0, 1]. Received: 1.5"
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.slow
+def test_missing_table_resumes_and_smiler_warm_starts_from_smile(tmp_path, monkeypatch):
+    from lesionkeras.trainers import missing_table as mt
+    from lesionkeras.trainers import run
+
+    monkeypatch.setenv("LESIONKERAS_CACHE", str(tmp_path / "cache"))
+    overrides = {"data.synthetic_count": 16, "data.image_size": 32, "model.depth": 2,
+                 "model.filters": 8, "train.batch_size": 4, "train.image_every": 0,
+                 "train.epochs": 2, "smile.structures": "lesion,globules",
+                 "smile.relabel_epochs": 1, "train.progress": False}
+    out = tmp_path / "t"
+    fits = []
+    real_fit = run.fit
+
+    def counting_fit(cfg, **kwargs):
+        fits.append((Path(cfg.out).name, kwargs.get("resume_dir") is not None))
+        return real_fit(cfg, **kwargs)
+
+    monkeypatch.setattr(run, "fit", counting_fit)
+    table = mt.missing_table(out, alphas=(0.5,), methods=("smile", "smiler"),
+                             overrides=overrides, relabel_rounds=1, log=lambda *_: None)
+    # SMILEr is a copy of the SMILE run plus one round: no second SMILE training.
+    assert fits == [("smile-a0.5", False), ("smiler-a0.5", True)]
+    smiler = out / "runs" / "smiler-a0.5"
+    history = pd.read_csv(smiler / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2]  # 2 SMILE epochs + 1 relabel epoch
+    assert (smiler / "smile.keras").read_bytes() == (out / "runs" / "smile-a0.5" / "model.keras").read_bytes()
+    assert (smiler / "relabel.csv").exists()
+
+    # Run again: every cell is finished, so nothing trains and the table is the same.
+    fits.clear()
+    again = mt.missing_table(out, alphas=(0.5,), methods=("smile", "smiler"),
+                             overrides=overrides, relabel_rounds=1, log=lambda *_: None)
+    assert fits == []
+    pd.testing.assert_frame_equal(table, again)

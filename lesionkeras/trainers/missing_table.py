@@ -17,6 +17,7 @@ table = missing_table("tables/smile", alphas=(0.0, 0.5, 0.7),
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -32,8 +33,15 @@ def missing_table(out, *, alphas=(0.0, 0.5, 0.7), methods=METHODS, config=None,
                   overrides=None, relabel_rounds=2, log=print):
     """Trains each method at each alpha; writes `missing_table.{csv,md,png}` in `out`.
 
+    Every (method, alpha) cell is an ordinary run directory, so the command can
+    be run again after an interruption: finished cells are read, an interrupted
+    one resumes. SMILEr warm-starts from the SMILE cell of the same alpha when
+    that one is in the table (a copy of it, then `relabel_rounds` rounds), as in
+    the paper's Algorithm 1; alone, it trains SMILE first. The table files are
+    rewritten after each alpha, so partial results are on disk.
+
     Args:
-        out: str. Output folder (must not exist or be empty).
+        out: str. Output folder.
         alphas: sequence of float in [0, 1]. Fractions of removed annotations.
         methods: sequence of `"multiclass"`, `"smile"`, `"smiler"` (SMILE then
             `relabel_rounds` SMILEr rounds). Defaults to all three.
@@ -46,9 +54,9 @@ def missing_table(out, *, alphas=(0.0, 0.5, 0.7), methods=METHODS, config=None,
         DataFrame, one row per (method, alpha): `dice_<structure>` and `mean_dice`.
 
     Raises:
-        ConfigError: a bad method or alpha, or a non-empty `out`.
+        ConfigError: a bad method or alpha.
     """
-    from lesionkeras.trainers import run
+    from lesionkeras.experiments import _run_cell
 
     out = Path(out)
     bad = [m for m in methods if m not in METHODS]
@@ -59,31 +67,53 @@ def missing_table(out, *, alphas=(0.0, 0.5, 0.7), methods=METHODS, config=None,
     for a in alphas:
         if not 0.0 <= float(a) <= 1.0:
             raise ConfigError(f"`alphas` must be in [0, 1]. Received: {a}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out}: output folder exists and is not empty")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: not a folder")
     base = config_lib.load_config(config, overrides or {})
     names = missing.parse_structures(base.smile.structures)
     rows = []
     for alpha in alphas:
         for method in methods:
-            extra = {"method": "multiclass" if method == "multiclass" else "smile",
-                     "smile.simulate_missing": float(alpha),
-                     "smile.relabel_rounds": relabel_rounds if method == "smiler" else 0,
-                     "out": str(out / "runs" / f"{method}-a{alpha:g}")}
-            cfg = base.override(extra)
-            log(f"{method}, alpha {alpha:g}: training ({cfg.out})")
-            result = run.fit(cfg, verbose=0, log=lambda *_: None)
+            run_dir = out / "runs" / f"{method}-a{alpha:g}"
+            cfg = base.override({
+                "method": "multiclass" if method == "multiclass" else "smile",
+                "smile.simulate_missing": float(alpha),
+                "smile.relabel_rounds": relabel_rounds if method == "smiler" else 0,
+                "out": str(run_dir),
+            })
+            smile_dir = out / "runs" / f"smile-a{alpha:g}"
+            if method == "smiler" and "smile" in methods and not run_dir.exists():
+                _warm_start(smile_dir, run_dir, cfg)
+            log(f"{method}, alpha {alpha:g}")
+            metrics = _run_cell(cfg, run_dir, log)
             row = {"method": method, "alpha": float(alpha)}
-            row.update({f"dice_{s}": result.metrics.get(f"dice_{s}", float("nan")) for s in names})
-            row["mean_dice"] = result.metrics.get("dice", float("nan"))
+            row.update({f"dice_{s}": metrics.get(f"dice_{s}", float("nan")) for s in names})
+            row["mean_dice"] = metrics.get("dice", float("nan"))
             rows.append(row)
             log(f"{method}, alpha {alpha:g}: mean dice {row['mean_dice']:.4f}")
-    table = pd.DataFrame(rows)
+        _write(pd.DataFrame(rows), names, out)
+    return pd.DataFrame(rows)
+
+
+def _warm_start(smile_dir, run_dir, cfg):
+    """Copies the finished SMILE run into `run_dir`; resuming it then runs SMILEr only."""
+    if not (smile_dir / "metrics.json").exists():
+        return
+    tmp = run_dir.with_name(run_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(smile_dir, tmp)
+    # Without metrics.json the cell counts as interrupted: `fit --resume` trains no
+    # further epochs and runs `after_fit`, i.e. the SMILEr rounds.
+    (tmp / "metrics.json").unlink()
+    cfg.save(tmp / "config.toml")
+    tmp.rename(run_dir)
+
+
+def _write(table, names, out):
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "missing_table.csv", index=False, float_format="%.4f")
     (out / "missing_table.md").write_text(to_markdown(table, names) + "\n")
     plot(table, names, out / "missing_table.png")
-    return table
 
 
 def to_markdown(table, names) -> str:

@@ -342,18 +342,23 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
     return FitResult(run_dir, metrics, epochs_run, warnings)
 
 
-def fit_folds(cfg, folds, *, verbose=1, log=print, extra_callbacks=()) -> FitResult:
+def fit_folds(cfg, folds=None, *, resume_dir=None, verbose=1, log=print,
+              extra_callbacks=()) -> FitResult:
     """Trains `folds` models on a K-fold split of the training data, one per fold.
 
     Fold i validates on the i-th part and trains on the others; each keeps its
     best-validation-Dice checkpoint in `RUN/fold{i}/` (a complete run
     directory). `RUN/summary.json` holds every fold's validation metrics and
     their mean; `evaluate`/`predict` on `RUN` average the folds (the Ensemble of
-    Guth & deCampos 2018, section 3.5).
+    Guth & deCampos 2018, section 3.5). `RUN/config.toml` and `RUN/folds.json`
+    let `fit --resume RUN` continue: every fold already started resumes from
+    its last epoch (a finished one trains no further unless `--epochs` grew,
+    and is only re-scored), the others start.
 
     Args:
         cfg: `Config`. `data.folds`/`data.fold` are set per fold.
-        folds: int. K >= 2.
+        folds: int. K >= 2. Read from `RUN/folds.json` when resuming.
+        resume_dir: str or None. Continue this interrupted run with folds.
         verbose: int. Keras verbosity. log: callable. Where status lines go.
         extra_callbacks: sequence of `keras.callbacks.Callback`, given to every fold.
 
@@ -363,22 +368,35 @@ def fit_folds(cfg, folds, *, verbose=1, log=print, extra_callbacks=()) -> FitRes
     Raises:
         ConfigError: K < 2, a fixed validation list, or a non-empty `RUN`.
     """
+    if resume_dir:
+        run_dir = Path(resume_dir)
+        folds = fold_count(run_dir)
+    else:
+        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method)
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise ConfigError(f"`--folds` must be an integer >= 2. Received: {folds!r}")
     if cfg.data.val_list:
         raise ConfigError("`--folds` makes its own validation splits; drop `data.val_list`")
-    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(
-            f"{run_dir}: run directory exists and is not empty (choose another --out)"
-        )
+    cfg = cfg.override({"out": str(run_dir)})
+    if not resume_dir:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(
+                f"{run_dir}: run directory exists and is not empty "
+                "(choose another --out, or continue it with --resume)"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / FOLDS_FILE).write_text(json.dumps({"folds": folds}) + "\n")
+    cfg.save(run_dir / "config.toml")
     results = []
     for i in range(folds):
+        fold_dir = run_dir / f"fold{i}"
         log(f"fold {i + 1} of {folds}")
-        fold_cfg = cfg.override(
-            {"out": str(run_dir / f"fold{i}"), "data.folds": folds, "data.fold": i}
-        )
-        results.append(fit(fold_cfg, verbose=verbose, log=log, extra_callbacks=extra_callbacks))
+        fold_cfg = cfg.override({"out": str(fold_dir), "data.folds": folds, "data.fold": i})
+        started = fold_dir.exists() and any(fold_dir.iterdir())
+        results.append(fit(
+            fold_cfg, resume_dir=fold_dir if started else None, verbose=verbose, log=log,
+            extra_callbacks=extra_callbacks,
+        ))
     per_fold = {f"fold{i}": r.metrics for i, r in enumerate(results)}
     keys = [k for k in results[0].metrics if all(k in r.metrics for r in results)]
     mean = {k: float(np.mean([r.metrics[k] for r in results])) for k in keys}
@@ -386,6 +404,21 @@ def fit_folds(cfg, folds, *, verbose=1, log=print, extra_callbacks=()) -> FitRes
         json.dumps({"folds": folds, "mean": mean, "per_fold": per_fold}, indent=2) + "\n"
     )
     return FitResult(run_dir, mean, sum(r.epochs_run for r in results), results[0].warnings)
+
+
+FOLDS_FILE = "folds.json"
+
+
+def fold_count(run_dir):
+    """K of a `fit --folds K` run directory, or None for an ordinary run."""
+    path = Path(run_dir) / FOLDS_FILE
+    if not path.exists():
+        return None
+    try:
+        folds = json.loads(path.read_text())["folds"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path}: not a folds record (expected {{\"folds\": K}})") from None
+    return folds
 
 
 def _accepted(fn, **data):
