@@ -74,21 +74,30 @@ def _init_encoder(network, source):
 
 
 def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()):
-    """Trains `--task attributes --method multitask`; returns a `FitResult`."""
-    from lesionkeras.classify.runner import _new_run_dir, make_optimizer
-    from lesionkeras.data import missing, pipeline
-    from lesionkeras.models.attribute_net import build_attribute_net
-    from lesionkeras.trainers.multitask import MultitaskTrainer
-    from lesionkeras.trainers.run import FitResult
-    from lesionkeras.trainers.triplet import SaveNetwork
+    """Trains `--task attributes --method multitask`; returns a `FitResult`.
 
+    `resume_dir` continues an interrupted (or finished) run from its last
+    finished epoch up to `cfg.train.epochs`; `cfg.train.strategy` distributes it.
+    """
+    from lesionkeras.classify.runner import (check_batch_size, check_model_name,
+                                             make_optimizer, run_dir_for, training_callbacks)
+    from lesionkeras.data import missing, pipeline
+    from lesionkeras.distribute import resolve_strategy
+    from lesionkeras.models import registry
+    from lesionkeras.trainers.multitask import MultitaskTrainer
+    from lesionkeras.trainers.run import FitResult, _history_len
+
+    check_model_name(cfg, "attribute_net")
     size = cfg.data.crop_size or cfg.data.image_size
     if size % SIZE_MULTIPLE:
         raise ConfigError(f"`data.image_size`/`data.crop_size` ({size}) must be a multiple of "
                           f"{SIZE_MULTIPLE} for the VGG19 features")
-    run_dir = _new_run_dir(cfg, resume_dir)
+    # First, before any TensorFlow op (MultiWorkerMirroredStrategy configures the runtime).
+    strategy = resolve_strategy(cfg.train.strategy)
+    run_dir = run_dir_for(cfg, resume_dir)
     cfg = cfg.override({"out": str(run_dir), "data.mean": list(pipeline.IMAGENET_MEAN),
                         "data.std": list(pipeline.IMAGENET_STD)})
+    replicas = check_batch_size(cfg, strategy)
     keras.utils.set_random_seed(cfg.seed)
     df = _manifest(cfg)
     df = pipeline.assign_splits(df, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
@@ -103,37 +112,47 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()):
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.toml")
     train_ds = _datasets(cfg, train_df, True)
-    val_ds = _datasets(cfg, val_df, False) if len(val_df) else None
+    val_ds = None
+    if len(val_df):
+        val_batch = pipeline.eval_batch_size(len(val_df), cfg.train.batch_size, replicas)
+        if val_batch is None:
+            keep = len(val_df) - len(val_df) % replicas
+            log(f"warning: validating on {keep} of {len(val_df)} images so that "
+                f"{replicas} replicas get equal batches")
+            val_df, val_batch = val_df.iloc[:keep].reset_index(drop=True), replicas
+        val_ds = _datasets(cfg, val_df, False, val_batch)
     m = cfg.model
-    network = build_attribute_net((size, size, 3), encoder_filters=m.encoder_filters,
-                                  filters=m.filters, batch_norm=m.batch_norm,
-                                  encoder_weights=m.encoder_weights or None)
-    if cfg.attributes.init_from:
+    with strategy.scope():
+        network = registry.build(
+            "attribute_net", input_shape=(size, size, 3), encoder_filters=m.encoder_filters,
+            filters=m.filters, batch_norm=m.batch_norm, encoder_weights=m.encoder_weights or None,
+        )
+        model = MultitaskTrainer(network, mask_weight=cfg.attributes.mask_weight,
+                                 presence_weight=cfg.attributes.presence_weight,
+                                 threshold=cfg.train.threshold)
+        model.compile(optimizer=make_optimizer(cfg, int(train_ds.cardinality())),
+                      jit_compile=cfg.train.jit_compile == "true")
+        # Built here, in the strategy scope, before `fit` (keras#20164).
+        model.optimizer.build(network.trainable_variables)
+    if cfg.attributes.init_from and not resume_dir:
+        # A resumed run restores its own trained weights instead (BackupAndRestore).
         _init_encoder(network, cfg.attributes.init_from)
-    model = MultitaskTrainer(network, mask_weight=cfg.attributes.mask_weight,
-                             presence_weight=cfg.attributes.presence_weight,
-                             threshold=cfg.train.threshold)
-    model.compile(optimizer=make_optimizer(cfg, int(train_ds.cardinality())),
-                  jit_compile=cfg.train.jit_compile == "true")
     nan_stop = StopOnNaN()
-    callbacks = [
-        nan_stop,
-        SaveNetwork(run_dir / "model.keras", run_dir / "last.keras",
-                    "val_jaccard" if val_ds is not None else "jaccard"),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv")),
-        keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
-        *extra_callbacks,
-    ]
+    callbacks = training_callbacks(run_dir, "val_jaccard" if val_ds is not None else "jaccard",
+                                   before=[nan_stop], after=extra_callbacks)
     known = {a: int(train_df[f"annotated_{a}"].sum()) for a in ATTRIBUTES}
     log(f"training the multitask VGG19 attribute network ({network.count_params():,} "
         f"parameters) on {len(train_df)} images (annotated: "
-        + ", ".join(f"{a} {n}" for a, n in known.items()) + f"), validating on {len(val_df)}")
+        + ", ".join(f"{a} {n}" for a, n in known.items()) + f"), validating on {len(val_df)}; "
+        f"strategy {type(strategy).__name__} with {replicas} replica(s)")
     history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs,
                         callbacks=callbacks, shuffle=False,
                         verbose=verbose if cfg.train.progress else (2 if verbose else 0))
     nan_stop.raise_if_stopped(run_dir)
-    metrics = {"epochs": len(history.epoch), "train_images": len(train_df),
+    metrics = {"epochs": _history_len(run_dir / "history.csv"), "train_images": len(train_df),
                "val_images": len(val_df)}
+    if not (run_dir / "model.keras").exists():
+        network.save(run_dir / "model.keras")  # the monitor was never finite
     if val_ds is not None:
         best = keras.saving.load_model(run_dir / "model.keras")
         metrics.update(_score(best, val_ds, cfg.train.threshold))

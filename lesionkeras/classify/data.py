@@ -241,6 +241,22 @@ def list_images(path):
     return pd.DataFrame({"id": ids, "image": [found[i] for i in ids]})
 
 
+def _decoder(resize):
+    """`path -> float32 (height, width, 3)` image, resized and normalised (ImageNet stats)."""
+    import tensorflow as tf
+
+    width, height = resize
+    mean = tf.constant(IMAGENET_MEAN, tf.float32) * 255.0
+    std = tf.constant(IMAGENET_STD, tf.float32) * 255.0
+
+    def decode(path):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        image = tf.image.resize(tf.cast(image, tf.float32), (height, width), antialias=True)
+        return (image - mean) / std
+
+    return decode
+
+
 def make_dataset(paths, labels, *, resize, crop, batch_size, training, flip=True, seed=0,
                  cache=True):
     """Decoded, resized, normalised (ImageNet statistics) batches of `(image, label)`.
@@ -252,14 +268,7 @@ def make_dataset(paths, labels, *, resize, crop, batch_size, training, flip=True
     import tensorflow as tf
 
     width, height = resize
-    mean = tf.constant(IMAGENET_MEAN, tf.float32) * 255.0
-    std = tf.constant(IMAGENET_STD, tf.float32) * 255.0
-
-    def decode(path):
-        try_image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        image = tf.image.resize(tf.cast(try_image, tf.float32), (height, width), antialias=True)
-        return (image - mean) / std
-
+    decode = _decoder(resize)
     items = list(paths) if labels is None else (list(paths), np.asarray(labels, np.int32))
     ds = tf.data.Dataset.from_tensor_slices(items)
     if labels is None:
@@ -293,3 +302,50 @@ def make_dataset(paths, labels, *, resize, crop, batch_size, training, flip=True
             ds = ds.map(lambda image, y: (centre(image), y))
         ds = ds.batch(batch_size)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def make_triplet_dataset(paths, table, count, *, resize, crop, triplets_per_batch, flip=True,
+                         seed=0):
+    """Endless batches of offline triplets drawn, seeded, from a triplet table.
+
+    Each element is `(images, valid)`: images (T, 3, crop, crop, 3) holding the
+    anchor, positive and negative of T triplets (random crops and flips, as in
+    training), and valid (T,) float32, 0 while the table is empty. The table is
+    read when a batch is made, so a callback that rewrites it (regeneration)
+    changes the triplets of the batches that follow. The triplet axis comes
+    first so that a distribution strategy splits whole triplets across replicas.
+
+    Args:
+        paths: sequence of str. Training images, indexed by the table.
+        table: int32 `tf.Variable` (capacity, 3). Rows of (anchor, positive, negative) indices.
+        count: int32 `tf.Variable` scalar. Rows of `table` in use.
+        resize: (width, height). crop: int. triplets_per_batch: int. T.
+        flip: bool. Random flips. Defaults to True.
+        seed: int. Seeds the choice of rows, the crops and the flips. Defaults to 0.
+    """
+    import tensorflow as tf
+
+    decode = _decoder(resize)
+    paths = tf.constant([str(p) for p in paths])
+
+    def one(image, key):
+        image = tf.image.stateless_random_crop(image, (crop, crop, 3), seed=key)
+        if flip:
+            image = tf.image.stateless_random_flip_left_right(image, seed=key + 1)
+            image = tf.image.stateless_random_flip_up_down(image, seed=key + 2)
+        return image
+
+    def triplet(r):
+        n = tf.maximum(tf.cast(count, tf.int64), 1)
+        row = tf.gather(table, r % n)
+        images = tf.stack([
+            one(decode(tf.gather(paths, row[j])), tf.stack([r, tf.constant(3 * j, tf.int64)]))
+            for j in range(3)
+        ])
+        return images, tf.cast(count > 0, tf.float32)
+
+    # Non-negative draws: `r % n` indexes the table.
+    draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    ds = draws.map(lambda r: triplet(tf.bitwise.bitwise_and(r, tf.constant(2**62 - 1, tf.int64))),
+                   num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(triplets_per_batch, drop_remainder=True)

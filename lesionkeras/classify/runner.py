@@ -8,16 +8,18 @@ Run directory (same contract as segmentation, plus the class files):
     classes.json      the class names, in the order of the logits
     references.npz    embeddings, labels and ids of up to `references_per_class`
                       training images per class (nearest-class-mean prediction)
-    history.csv       one row per epoch (loss, ce, triplet, triplets, balanced_accuracy)
+    history.csv       one row per epoch (loss, ce, triplet, triplets, balanced_accuracy;
+                      offline triplets add regenerated_triplets, anchor_negative_distance)
     metrics.json      final validation metrics of model.keras (both prediction rules)
     confusion.csv/png validation confusion matrix of the configured rule
     tensorboard/
+    backup/           BackupAndRestore state for `fit --resume` (and, with
+                      `classify.regenerate_every`, the current offline triplets)
 """
 
 from __future__ import annotations
 
 import csv
-import datetime
 import json
 from pathlib import Path
 
@@ -34,6 +36,8 @@ from lesionkeras.errors import ConfigError, DataError
 # Nearest-mean "probabilities": softmax of -distance / T. Only the argmax is the
 # prediction; T keeps the scores readable for unit-norm embeddings (distances in [0, 2]).
 DISTANCE_TEMPERATURE = 0.1
+# Offline triplets (`classify.regenerate_every`): positives per minority anchor.
+OFFLINE_POSITIVES = 4
 
 
 def predict_rule(cfg):
@@ -60,14 +64,90 @@ def make_optimizer(cfg, steps_per_epoch):
     return keras.optimizers.Adam(lr)
 
 
-def _new_run_dir(cfg, resume_dir):
+# Keys that fix the data split and the network's shape: a resumed run must keep them.
+RESUME_KEYS = {
+    "classify": ("task", "method", "seed", "data.source", "data.limit", "data.val_fraction",
+                 "classify.labels", "classify.images", "classify.backbone",
+                 "classify.embedding_dim", "classify.crop", "classify.regenerate_every"),
+    "attributes": ("task", "method", "seed", "data.source", "data.limit", "data.val_fraction",
+                   "data.image_size", "data.crop_size", "model.encoder_filters",
+                   "model.filters", "model.batch_norm", "smile.simulate_missing"),
+}
+
+
+def run_dir_for(cfg, resume_dir):
+    """The run directory: a new, empty one, or `resume_dir` checked against `cfg`.
+
+    Raises:
+        ConfigError: the new folder is not empty, or `resume_dir` is not a run of
+            the same task or `cfg` changes a key that fixes its data or network.
+    """
     if resume_dir:
-        raise ConfigError(f"--resume is not supported for `task = {cfg.task!r}` yet")
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.method}-{stamp}"
+        run_dir = Path(resume_dir)
+        path = run_dir / "config.toml"
+        if not path.is_file():
+            raise ConfigError(f"{run_dir}: not a run directory (no config.toml)")
+        saved = config_lib.load_config(path).to_dict()
+        new = cfg.to_dict()
+        for key in RESUME_KEYS[cfg.task]:
+            old_value, new_value = _lookup(saved, key), _lookup(new, key)
+            if old_value != new_value:
+                raise ConfigError(f"{run_dir}: the run has `{key} = {old_value!r}`; it cannot "
+                                  f"resume with {new_value!r}")
+        return run_dir
+    from lesionkeras.trainers.run import default_run_dir
+
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method)
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"{run_dir}: run directory exists and is not empty (choose another --out)")
+        raise ConfigError(f"{run_dir}: run directory exists and is not empty "
+                          "(choose another --out, or continue it with --resume)")
     return run_dir
+
+
+def _lookup(tree, dotted):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def training_callbacks(run_dir, monitor, *, before=(), after=()):
+    """The callbacks of a resumable classify/attributes fit, in order.
+
+    The segmentation runs' resume machinery: `BackupAndRestore` (first) keeps the
+    weights, optimizer state and epoch counter in `RUN/backup/` every epoch and
+    restores them when `fit --resume` starts again; the best checkpoint keeps
+    the best `monitor` of `RUN/history.csv` so far; the CSV log appends. `before`
+    go ahead of the writers (so what they add to the logs is written).
+    """
+    from lesionkeras.trainers.run import _best_so_far
+    from lesionkeras.trainers.triplet import SaveNetwork
+
+    run_dir = Path(run_dir)
+    return [
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
+        *before,
+        SaveNetwork(run_dir / "model.keras", run_dir / "last.keras", monitor,
+                    initial_best=_best_so_far(run_dir / "history.csv", monitor)),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
+        *after,
+    ]
+
+
+def check_batch_size(cfg, strategy):
+    """`train.batch_size` must split evenly across the strategy's replicas."""
+    replicas = strategy.num_replicas_in_sync
+    if cfg.train.batch_size % replicas:
+        raise ConfigError(f"`train.batch_size` ({cfg.train.batch_size}) must be a multiple of "
+                          f"the {replicas} replicas of the distribution strategy")
+    return replicas
+
+
+def check_model_name(cfg, expected):
+    """`model.name` is empty or the task's registered network `expected`."""
+    if cfg.model.name not in ("", expected):
+        raise ConfigError(f"`--model {cfg.model.name}` does not fit `--task {cfg.task}`; its "
+                          f"model is `{expected}` (leave --model empty)")
 
 
 def load_data(cfg, source=None):
@@ -95,15 +175,30 @@ def _dataset(cfg, df, *, training, batch_size=None, labels=True):
 def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()):
     """Trains `--task classify` (`--method triplet` or `softmax`) and fills the run directory.
 
+    Args:
+        cfg: `Config` with `task = "classify"`.
+        resume_dir: str or None. Continue this interrupted (or finished) run from its
+            last finished epoch, up to `cfg.train.epochs`.
+        verbose: int. Keras verbosity. log: callable. Where status lines go.
+        extra_callbacks: sequence of `keras.callbacks.Callback`, run last.
+
     Returns:
         `lesionkeras.trainers.run.FitResult`.
     """
-    from lesionkeras.models.resnet_classifier import build_resnet_classifier
-    from lesionkeras.trainers.run import FitResult
-    from lesionkeras.trainers.triplet import SaveNetwork, TripletEpochs, TripletTrainer
+    import tensorflow as tf
 
-    run_dir = _new_run_dir(cfg, resume_dir)
+    from lesionkeras.distribute import resolve_strategy
+    from lesionkeras.models import registry
+    from lesionkeras.trainers.run import FitResult, _history_len
+    from lesionkeras.trainers.triplet import (RegenerateTriplets, TripletEpochs, TripletTable,
+                                              TripletTrainer)
+
+    check_model_name(cfg, "resnet_classifier")
+    # First, before any TensorFlow op (MultiWorkerMirroredStrategy configures the runtime).
+    strategy = resolve_strategy(cfg.train.strategy)
+    run_dir = run_dir_for(cfg, resume_dir)
     cfg = cfg.override({"out": str(run_dir)})
+    replicas = check_batch_size(cfg, strategy)
     keras.utils.set_random_seed(cfg.seed)
     c = cfg.classify
     df, classes = load_data(cfg)
@@ -122,40 +217,79 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()):
     (run_dir / "classes.json").write_text(json.dumps(list(classes)) + "\n")
 
     train_ds = _dataset(cfg, train_df, training=True)
-    val_ds = _dataset(cfg, val_df, training=False) if len(val_df) else None
     steps = int(train_ds.cardinality())
-    network = build_resnet_classifier(
-        (c.crop, c.crop, 3), len(classes), backbone=c.backbone,
-        embedding_dim=c.embedding_dim, weights=c.backbone_weights,
-    )
-    model = TripletTrainer(
-        network, len(classes), majority, use_triplet=cfg.method == "triplet",
-        mode=c.triplet_mode, every=c.triplet_every, margin=c.margin,
-        triplet_weight=c.triplet_weight, negatives=c.negatives, normalize=c.normalize_embedding,
-    )
-    # XLA only when asked: compiling a ResNet step costs more than it saves on short runs.
-    model.compile(optimizer=make_optimizer(cfg, steps),
-                  jit_compile=cfg.train.jit_compile == "true")
+    val_ds = None
+    if len(val_df):
+        from lesionkeras.data.pipeline import eval_batch_size
+
+        val_batch = eval_batch_size(len(val_df), cfg.train.batch_size, replicas)
+        if val_batch is None:
+            keep = len(val_df) - len(val_df) % replicas
+            log(f"warning: validating on {keep} of {len(val_df)} images so that "
+                f"{replicas} replicas get equal batches")
+            val_df, val_batch = val_df.iloc[:keep].reset_index(drop=True), replicas
+        val_ds = _dataset(cfg, val_df, training=False, batch_size=val_batch)
+    offline = cfg.method == "triplet" and c.regenerate_every > 0
+    before = []
+    if offline:
+        from lesionkeras.classify.triplet import triplet_capacity
+
+        labels = train_df["label"].to_numpy()
+        # Outside the strategy scope: the input pipeline reads these variables.
+        table = TripletTable(triplet_capacity(labels, majority, negatives=c.negatives,
+                                              positives=OFFLINE_POSITIVES))
+        per_batch = max(replicas, cfg.train.batch_size // 3 // replicas * replicas)
+        triplet_ds = cdata.make_triplet_dataset(
+            train_df["image"].tolist(), table.triplets, table.count,
+            resize=(c.resize_width, c.resize_height), crop=c.crop,
+            triplets_per_batch=per_batch, flip=cfg.augment.flip, seed=cfg.seed,
+        )
+        train_ds = tf.data.Dataset.zip((train_ds, triplet_ds)).map(
+            lambda xy, t: ({"image": xy[0], "triplets": t[0], "triplet_valid": t[1]}, xy[1])
+        ).prefetch(tf.data.AUTOTUNE)
+        before.append(RegenerateTriplets(
+            c.regenerate_every, _dataset(cfg, train_df, training=False, labels=False), labels,
+            table, majority=majority, negatives=c.negatives, positives=OFFLINE_POSITIVES,
+            normalize=c.normalize_embedding, seed=cfg.seed,
+            state=run_dir / "backup" / "triplets.npz", log=log,
+        ))
+    with strategy.scope():
+        network = registry.build(
+            "resnet_classifier", input_shape=(c.crop, c.crop, 3), num_classes=len(classes),
+            backbone=c.backbone, embedding_dim=c.embedding_dim, weights=c.backbone_weights,
+        )
+        model = TripletTrainer(
+            network, len(classes), majority, use_triplet=cfg.method == "triplet",
+            mode=c.triplet_mode, every=c.triplet_every, margin=c.margin,
+            triplet_weight=c.triplet_weight, negatives=c.negatives,
+            normalize=c.normalize_embedding,
+        )
+        # XLA only when asked: compiling a ResNet step costs more than it saves on short runs.
+        model.compile(optimizer=make_optimizer(cfg, steps),
+                      jit_compile=cfg.train.jit_compile == "true")
+        # Built here, in the strategy scope, before `fit` (keras#20164).
+        model.optimizer.build(network.trainable_variables)
     nan_stop = StopOnNaN()
-    callbacks = [
-        nan_stop,
-        *([TripletEpochs(c.triplet_every)] if c.triplet_mode == "alternate_epoch" else []),
-        SaveNetwork(run_dir / "model.keras", run_dir / "last.keras",
-                    "val_balanced_accuracy" if val_ds is not None else "balanced_accuracy"),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv")),
-        keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
-        *extra_callbacks,
-    ]
+    if c.triplet_mode == "alternate_epoch":
+        before.append(TripletEpochs(c.triplet_every))
+    callbacks = training_callbacks(
+        run_dir, "val_balanced_accuracy" if val_ds is not None else "balanced_accuracy",
+        before=[nan_stop, *before], after=extra_callbacks,
+    )
     log(f"training {c.backbone} classifier ({network.count_params():,} parameters; "
         f"{cfg.method}, classes {', '.join(classes)}; majority {classes[majority]}) on "
-        f"{len(train_df)} images, validating on {len(val_df)}")
+        f"{len(train_df)} images, validating on {len(val_df)}; strategy "
+        f"{type(strategy).__name__} with {replicas} replica(s)"
+        + (f"; triplets regenerated every {c.regenerate_every} epochs" if offline else ""))
     history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs,
                         callbacks=callbacks, shuffle=False,  # the dataset shuffles itself
                         verbose=verbose if cfg.train.progress else (2 if verbose else 0))
     nan_stop.raise_if_stopped(run_dir)
+    if not (run_dir / "model.keras").exists():
+        network.save(run_dir / "model.keras")  # the monitor was never finite
     best = keras.saving.load_model(run_dir / "model.keras")
     write_references(cfg, best, train_df, run_dir / "references.npz")
-    metrics = {"epochs": len(history.epoch), "train_images": len(train_df),
+    metrics = {"epochs": _history_len(run_dir / "history.csv"), "train_images": len(train_df),
                "val_images": len(val_df), "classes": list(classes),
                "predict_by": predict_rule(cfg)}
     if val_ds is not None:

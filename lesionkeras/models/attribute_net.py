@@ -11,12 +11,14 @@ attribute is a separate yes/no question.
 import keras
 from keras import layers
 
+from lesionkeras.models.registry import register
 from lesionkeras.models.vgg_se_unet import build_vgg_se_unet
 
 #: ISIC 2018 Task 2 has 5 attributes (models do not import `lesionkeras.data`).
 NUM_ATTRIBUTES = 5
 
 
+@register("attribute_net", task="attributes")
 def build_attribute_net(input_shape=(None, None, 3), num_attributes=NUM_ATTRIBUTES,
                         encoder_filters=64, filters=16, batch_norm=True, encoder_weights=None):
     """VGG19-SE U-Net -> `{"masks": (B, H, W, A) logits, "presence": (B, A) logits}`.

@@ -11,23 +11,31 @@ model = build("unet", input_shape=(64, 64, 3), filters=8)
 """
 
 _BUILDERS = {}
+# The ISIC task of each model (`segment` unless registered for another, see `register`).
+_TASKS = {}
 
 
-def register(name):
-    """Decorator registering a builder `f(input_shape, out_channels, **options)`."""
+def register(name, task="segment"):
+    """Decorator registering a builder `f(input_shape, out_channels, **options)`.
+
+    Models of the other ISIC tasks (`task="classify"`, `"attributes"`) take their
+    own arguments (e.g. `num_classes`) and are trained by their task's runner.
+    """
 
     def wrap(fn):
         if name in _BUILDERS and _BUILDERS[name] is not fn:
             raise ValueError(f"Model `{name}` is already registered.")
         _BUILDERS[name] = fn
+        _TASKS[name] = task
         return fn
 
     return wrap
 
 
-def names():
+def names(task=None):
+    """Registered model names, all or those of one `task` (`segment`, `classify`, ...)."""
     _load_builtin()
-    return tuple(sorted(_BUILDERS))
+    return tuple(sorted(n for n in _BUILDERS if task is None or _TASKS[n] == task))
 
 
 def get(name):
@@ -63,3 +71,5 @@ def _load_builtin():
     from lesionkeras.models import segan  # noqa: F401
     from lesionkeras.models import deeplab  # noqa: F401
     from lesionkeras.models import vgg_se_unet  # noqa: F401
+    # ISIC 2018 Task 3 classifier and Task 2 multitask attribute network (issue 8).
+    from lesionkeras.models import attribute_net, resnet_classifier  # noqa: F401

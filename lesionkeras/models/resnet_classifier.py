@@ -14,6 +14,7 @@ import keras
 from keras import layers
 
 from lesionkeras.errors import ConfigError
+from lesionkeras.models.registry import register
 
 #: Backbones (He et al. 2016) as keras-hub `ResNetBackbone` arguments.
 BACKBONES = {
@@ -62,6 +63,7 @@ def make_backbone(name="resnet101", input_shape=(None, None, 3), weights=""):
     return backbone
 
 
+@register("resnet_classifier", task="classify")
 def build_resnet_classifier(input_shape=(None, None, 3), num_classes=7, backbone="resnet101",
                             embedding_dim=256, weights=""):
     """ResNet -> pooling -> embedding -> classifier, as a functional `keras.Model`.

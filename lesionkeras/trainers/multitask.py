@@ -9,6 +9,9 @@ with SMILE's missing-label weights (`lesionkeras.data.missing`): a pixel of a
 non-annotated attribute counts only where it is known negative, and the
 presence of an attribute counts only where its whole map is known
 (i.e. the attribute was annotated in that image).
+
+Distribution: the minimised loss is the per-replica mean divided by the number
+of replicas (the optimiser sums gradients over replicas).
 """
 
 import keras
@@ -16,6 +19,7 @@ import tensorflow as tf
 from keras import ops
 
 from lesionkeras.classify.metrics import PooledJaccard
+from lesionkeras.trainers.triplet import replicas
 
 
 def multilabel_soft_margin(labels, logits, weights=None):
@@ -67,6 +71,8 @@ class MultitaskTrainer(keras.Model):
         self.mask_tracker = keras.metrics.Mean(name="mask_loss")
         self.presence_tracker = keras.metrics.Mean(name="presence_loss")
         self.jaccard = PooledJaccard(num, threshold=threshold)
+        # The wrapped functional network is built; so is this wrapper (BackupAndRestore).
+        self.built = True
 
     @property
     def metrics(self):
@@ -89,8 +95,9 @@ class MultitaskTrainer(keras.Model):
     def train_step(self, data):
         with tf.GradientTape() as tape:
             out, masks, weights, loss, mask_loss, presence_loss = self._forward(data, True)
+            scaled = loss / replicas()
         variables = self.network.trainable_variables
-        self.optimizer.apply(tape.gradient(loss, variables), variables)
+        self.optimizer.apply(tape.gradient(scaled, variables), variables)
         return self._update(masks, weights, out, loss, mask_loss, presence_loss)
 
     def test_step(self, data):

@@ -10,25 +10,48 @@ How the two losses alternate (`classify.triplet_mode`):
 * `joint`: every step minimises CE + `triplet_weight` x triplet.
 
 In a triplet step the classifier gets no gradient (with SGD momentum it still
-coasts on the velocity of the earlier CE steps). Triplets are mined online in
-every batch (`lesionkeras.classify.triplet`), so they are regenerated at every step.
+coasts on the velocity of the earlier CE steps). By default triplets are mined
+online in every batch (`lesionkeras.classify.triplet`), so they are regenerated
+at every step. With `classify.regenerate_every = N` they are mined offline
+instead: every N epochs `RegenerateTriplets` embeds the whole training set and
+rewrites a `TripletTable` (each minority sample anchors a few positives of its
+class and its hardest majority negative), and each training batch carries T
+triplets drawn from the table (`classify.data.make_triplet_dataset`) that the
+triplet loss is computed on, at the cost of one more forward pass per step.
 `--method softmax` is the same model trained with cross-entropy only (the
 triplet loss is still computed and logged, never minimised): the paper's
 "CE loss only" baseline.
+
+Distribution: the minimised loss is the per-replica mean divided by the number
+of replicas (the optimiser sums gradients over replicas).
 """
 
+import os
+from pathlib import Path
+
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
 from lesionkeras.classify.metrics import BalancedAccuracy
-from lesionkeras.classify.triplet import triplet_loss
+from lesionkeras.classify.triplet import offline_triplet_loss, regenerate_triplets, triplet_loss
 
 MODES = ("alternate_batch", "alternate_epoch", "joint")
 
 
+def replicas():
+    """Replicas of the current distribution strategy (1 outside one)."""
+    ctx = tf.distribute.get_replica_context()
+    return ctx.num_replicas_in_sync if ctx is not None else 1
+
+
 class TripletTrainer(keras.Model):
     """Wraps a `{"embedding", "logits"}` network with the alternating CE / triplet step.
+
+    Training batches are `(image, label)` (online mining), or, for offline
+    triplets, `({"image", "triplets", "triplet_valid"}, label)` with `triplets`
+    (T, 3, H, W, 3) images of (anchor, positive, negative) and `triplet_valid` (T,).
 
     Args:
         network: `keras.Model`. Returns a dict with `embedding` and `logits`.
@@ -63,6 +86,8 @@ class TripletTrainer(keras.Model):
         self.triplet_tracker = keras.metrics.Mean(name="triplet")
         self.count_tracker = keras.metrics.Mean(name="triplets")
         self.balanced = BalancedAccuracy(num_classes)
+        # The wrapped functional network is built; so is this wrapper (BackupAndRestore).
+        self.built = True
 
     @property
     def metrics(self):
@@ -70,16 +95,31 @@ class TripletTrainer(keras.Model):
                 self.balanced]
 
     def call(self, inputs, training=False):
+        if isinstance(inputs, dict):
+            inputs = inputs["image"]
         return self.network(inputs, training=training)
 
     def _forward(self, x, y, training):
+        triplets = None
+        if isinstance(x, dict):
+            x, triplets, valid = x["image"], x["triplets"], x["triplet_valid"]
         out = self.network(x, training=training)
         logits = ops.cast(out["logits"], "float32")
         ce = ops.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
-        trip, count = triplet_loss(
-            out["embedding"], y, margin=self.margin, majority=self.majority,
-            negatives=self.negatives, normalize=self.normalize,
-        )
+        if triplets is None:
+            trip, count = triplet_loss(
+                out["embedding"], y, margin=self.margin, majority=self.majority,
+                negatives=self.negatives, normalize=self.normalize,
+            )
+        else:
+            # (T, 3, H, W, C) -> (3T, H, W, C): rows a0, p0, n0, a1, ...
+            flat = ops.reshape(triplets, (-1, *triplets.shape[2:]))
+            emb = self.network(flat, training=training)["embedding"]
+            emb = ops.reshape(emb, (-1, 3, emb.shape[-1]))
+            trip, count = offline_triplet_loss(
+                emb[:, 0], emb[:, 1], emb[:, 2], margin=self.margin, weights=valid,
+                normalize=self.normalize,
+            )
         return logits, ce, trip, count
 
     def triplet_share(self):
@@ -103,8 +143,9 @@ class TripletTrainer(keras.Model):
             else:
                 share = self.triplet_share()
                 loss = share * self.triplet_weight * trip + (1.0 - share) * ce
+            scaled = loss / replicas()
         variables = self.network.trainable_variables
-        grads = tape.gradient(loss, variables)
+        grads = tape.gradient(scaled, variables)
         self.optimizer.apply(grads, variables)
         return self._update(loss, ce, trip, count, y, logits)
 
@@ -140,12 +181,18 @@ class SaveNetwork(keras.callbacks.Callback):
 
     The files hold only the functional network (standard layers and keras-hub's
     backbone), so they load with `keras.saving.load_model` and no custom objects.
+
+    Args:
+        best: path. Best checkpoint. last: path. Last epoch.
+        monitor: str. Log key to maximise. Defaults to `"val_balanced_accuracy"`.
+        initial_best: float or None. Best value so far (a resumed run: only a better
+            epoch replaces its `best`). Defaults to None.
     """
 
-    def __init__(self, best, last, monitor="val_balanced_accuracy"):
+    def __init__(self, best, last, monitor="val_balanced_accuracy", initial_best=None):
         super().__init__()
         self.best_path, self.last_path, self.monitor = str(best), str(last), monitor
-        self.best = -float("inf")
+        self.best = -float("inf") if initial_best is None else float(initial_best)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -154,3 +201,107 @@ class SaveNetwork(keras.callbacks.Callback):
             self.best = float(value)
             self.model.network.save(self.best_path)
         self.model.network.save(self.last_path)
+
+
+class TripletTable:
+    """Offline triplets shared by the data pipeline and `RegenerateTriplets`.
+
+    Plain `tf.Variable`s (create it outside a strategy scope): `triplets` (capacity, 3)
+    int32 rows of (anchor, positive, negative) training indices and `count`, the rows in use.
+
+    Args:
+        capacity: int. Most rows (`classify.triplet.triplet_capacity`); at least 1.
+    """
+
+    def __init__(self, capacity):
+        self.capacity = max(int(capacity), 1)
+        self.triplets = tf.Variable(tf.zeros((self.capacity, 3), tf.int32), trainable=False,
+                                    name="triplet_table")
+        self.count = tf.Variable(0, dtype=tf.int32, trainable=False, name="triplet_count")
+
+    def set(self, triplets):
+        triplets = np.asarray(triplets, np.int32).reshape(-1, 3)
+        if len(triplets) > self.capacity:
+            raise ValueError(f"{len(triplets)} triplets do not fit a table of {self.capacity}")
+        padded = np.zeros((self.capacity, 3), np.int32)
+        padded[: len(triplets)] = triplets
+        self.triplets.assign(padded)
+        self.count.assign(len(triplets))
+
+    def numpy(self):
+        return self.triplets.numpy()[: int(self.count.numpy())]
+
+
+class RegenerateTriplets(keras.callbacks.Callback):
+    """Every `every` epochs, re-mines the offline triplets of the training set.
+
+    At the start of epochs 0, N, 2N, ... it embeds the training images (batches
+    of `images`, the training set in the order of `labels`, without augmentation)
+    with the current network, builds the triplets with
+    `classify.triplet.regenerate_triplets` (seeded by `seed` and the epoch) and
+    writes them to `table`. The triplets and their epoch are saved to `state`, so
+    a resumed run draws from the same set until its next regeneration. Each
+    epoch's logs get `regenerated_triplets` (the count) and
+    `anchor_negative_distance` (mean Euclidean anchor-negative distance), so
+    history.csv and TensorBoard show them; `log` gets one line per regeneration.
+
+    Args:
+        every: int >= 1. N.
+        images: dataset of image batches. labels: int array (N,).
+        table: `TripletTable`.
+        majority: int. negatives: str. positives: int. normalize: bool. See
+            `regenerate_triplets`.
+        seed: int. state: path of the `.npz` state (None: not saved).
+        log: callable. Defaults to `print`.
+    """
+
+    def __init__(self, every, images, labels, table, *, majority, negatives="majority",
+                 positives=4, normalize=True, seed=0, state=None, log=print):
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"`every` must be >= 1. Received: every={every}")
+        self.every, self.images = int(every), images
+        self.labels = np.asarray(labels).astype(np.int64)
+        self.table, self.majority, self.negatives = table, majority, negatives
+        self.positives, self.normalize, self.seed = positives, normalize, int(seed)
+        self.state = Path(state) if state else None
+        self.log = log
+        self.generated_at = None
+        self.distance = float("nan")
+
+    def on_train_begin(self, logs=None):
+        if self.state is not None and self.state.exists():
+            saved = np.load(self.state)
+            self.table.set(saved["triplets"])
+            self.generated_at = int(saved["epoch"])
+            self.distance = float(saved["distance"])
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch % self.every and self.generated_at is not None:
+            return
+        if self.generated_at == epoch:
+            return  # restored from the state written at this epoch's start
+        embeddings = np.concatenate([
+            keras.ops.convert_to_numpy(self.model.network(x, training=False)["embedding"])
+            for x in self.images
+        ])
+        triplets, distances = regenerate_triplets(
+            embeddings, self.labels, self.majority, negatives=self.negatives,
+            positives=self.positives, seed=[self.seed, epoch], normalize=self.normalize,
+        )
+        self.table.set(triplets)
+        self.generated_at = epoch
+        self.distance = float(distances.mean()) if len(distances) else float("nan")
+        if self.state is not None:
+            self.state.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state.with_name(self.state.stem + ".tmp.npz")
+            np.savez(tmp, triplets=triplets, epoch=epoch, distance=self.distance)
+            os.replace(tmp, self.state)
+        self.log(f"epoch {epoch + 1}: regenerated {len(triplets)} triplets of "
+                 f"{len(self.labels)} training images (mean anchor-negative distance "
+                 f"{self.distance:.4f})")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["regenerated_triplets"] = float(self.table.count.numpy())
+            logs["anchor_negative_distance"] = self.distance
