@@ -122,7 +122,7 @@ FIT_FLAGS = {
               help="TOML config; flags override its keys.")
 @DATA_OPTION
 @click.option("--out", default=None, help="Run directory (default: runs/<method>-<time>).")
-@click.option("--model", default=None, help="Registered model name (default: the method's model: segan for --method segan, else unet).")
+@click.option("--model", default=None, help="Registered model name (default: the method's model: segan for segan, resnet34_unet for unet34, resnet18_deeplab for smile and multiclass, else unet).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @BATCH_OPTION
 @click.option("--image-size", type=click.IntRange(min=16), default=None,
@@ -249,7 +249,7 @@ def fit(config_file, resume, kfold, **flags):
 @DATA_OPTION
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for lr_find.csv and lr_find.png.")
-@click.option("--model", default=None, help="Registered model name (default: the method's model: segan for --method segan, else unet).")
+@click.option("--model", default=None, help="Registered model name (default: the method's model: segan for segan, resnet34_unet for unet34, resnet18_deeplab for smile and multiclass, else unet).")
 @BATCH_OPTION
 @click.option("--image-size", type=click.IntRange(min=16), default=None,
               help="Model input side in pixels.")

@@ -416,6 +416,14 @@ class ClassifyConfig:
         "and positives from the other classes; the paper), or from any `other` class.",
         choices=("majority", "other"),
     )
+    # --- issue 8 (offline triplets): one key ---
+    regenerate_every: int = _field(
+        0, "classify/triplet: if > 0, mine triplets offline every N epochs (each minority "
+        "training image anchors positives of its class and its hardest majority negative, from "
+        "embeddings of the whole training set) instead of online in each batch; 0 = online.",
+        minimum=0,
+    )
+    # --- end issue 8 ---
     normalize_embedding: bool = _field(
         True, "classify: L2-normalise embeddings for the triplet loss and nearest-mean prediction."
     )
@@ -481,8 +489,10 @@ TASK_METHODS = {
 TASK_METHODS["segment"] = tuple(
     m for m in METHODS if not any(m in v for v in TASK_METHODS.values())
 )
-# The model a method trains when `model.name` is left empty.
-DEFAULT_MODELS = {"segan": "segan", "unet34": "resnet34_unet"}
+# The model a method trains when `model.name` is left empty: each paper's network
+# (SMILE and its softmax baseline: a ResNet-DeepLabV3+).
+DEFAULT_MODELS = {"segan": "segan", "unet34": "resnet34_unet", "smile": "resnet18_deeplab",
+                  "multiclass": "resnet18_deeplab"}
 
 
 @dataclasses.dataclass(frozen=True)

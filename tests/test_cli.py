@@ -176,6 +176,8 @@ def test_fit_converts_grey_and_rgba_and_warns_once_on_soft_masks(tmp_path):
         (["--data", "/nonexistent/folder"], "no such file or folder"),
         (["--optimizer", "rmsprop"], "rmsprop"),
         (["--image-size", "36", "--depth", "4"], "divisible"),
+        (["--model", "bogus"], "`--model bogus` is not a segmentation model"),
+        (["--model", "resnet_classifier"], "choose from deeplabv3plus"),
     ],
 )
 def test_fit_usage_errors_exit_2(tmp_path, args, needle):

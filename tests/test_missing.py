@@ -187,8 +187,8 @@ def test_cli_drop_labels_then_fit_smile(tmp_path):
     res = runner.invoke(main, [
         "fit", "--method", "smile", "--data", str(tmp_path / "d" / "manifest.csv"),
         "--out", str(tmp_path / "run"), "--image-size", "32", "--epochs", "1",
-        "--batch-size", "4", "--filters", "4", "--depth", "2", "--no-progress",
-        "--structures", "lesion,globules,pigment_network",
+        "--batch-size", "4", "--model", "unet", "--filters", "4", "--depth", "2",
+        "--no-progress", "--structures", "lesion,globules,pigment_network",
     ])
     assert res.exit_code == 0, res.output
     assert "per-structure dice: " in res.output and "pigment_network" in res.output

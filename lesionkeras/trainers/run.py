@@ -129,6 +129,15 @@ def build_for_training(trainer, cfg, steps_per_epoch):
 
 
 def _check_sizes(cfg):
+    """The model is a segmentation network and the input size fits its depth."""
+    from lesionkeras.models import registry
+
+    segmenters = registry.names(task="segment")
+    if cfg.model_name not in segmenters:
+        raise ConfigError(
+            f"`--model {cfg.model_name}` is not a segmentation model; choose from "
+            f"{', '.join(segmenters)}"
+        )
     depth = cfg.model.depth if cfg.model_name in ("unet", "segan") else 0
     if cfg.model_name.startswith("resnet") or cfg.model_name in ("vgg19se", "deeplabv3plus"):
         depth = 5  # the ResNet/VGG encoder halves the input five times
