@@ -283,6 +283,10 @@ def lr_find(config_file, out, steps, min_lr, max_lr, **flags):
     click.echo(f"tried {len(result.lrs)} rates from {min_lr:.2g} to {result.lrs[-1]:.2g} ({stop})")
     click.echo(f"wrote {Path(out) / 'lr_find.csv'} and {Path(out) / 'lr_find.png'}")
     click.echo(f"suggested learning rate: {result.suggestion:.3g}")
+    if not result.conclusive:
+        click.echo("warning: the smoothed loss never fell by more than its batch-to-batch "
+                   "noise; the suggestion is unreliable (a trained model? try more --steps)",
+                   err=True)
 
 
 def _load_data(data, limit):

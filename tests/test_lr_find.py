@@ -70,3 +70,23 @@ def test_cli_lr_find_bad_range(tmp_path):
     res = CliRunner().invoke(main, ["lr-find", "--out", str(tmp_path), "--min-lr", "1",
                                     "--max-lr", "0.1"])
     assert res.exit_code == 2 and "--min-lr" in res.output
+
+
+def test_conclusive_only_when_the_loss_falls_beyond_its_noise():
+    rng = np.random.default_rng(0)
+    n = 30
+    # Flat: the loss of a trained model, batch noise of std 0.04 around 0.22.
+    flat = 0.22 + 0.04 * rng.standard_normal(n)
+    smoothed_flat = pd.Series(flat).ewm(alpha=0.02, adjust=True).mean().to_numpy()
+    assert not lr_find.is_conclusive(flat, smoothed_flat)
+    # Falling: from 0.74 to 0.40 with noise 0.01.
+    falling = np.linspace(0.74, 0.40, n) + 0.01 * rng.standard_normal(n)
+    smoothed_falling = pd.Series(falling).ewm(alpha=0.02, adjust=True).mean().to_numpy()
+    assert lr_find.is_conclusive(falling, smoothed_falling)
+    assert not lr_find.is_conclusive(falling[:5], smoothed_falling[:5])  # too short to tell
+
+
+def test_full_batch_range_test_is_conclusive():
+    model, ds = _tiny_model_and_data()
+    result = lr_find.lr_range_test(model, ds, min_lr=1e-4, max_lr=100.0, steps=60)
+    assert result.conclusive

@@ -309,3 +309,23 @@ def test_paper_config_is_pyramid_of_two_found_stages_with_dihedral():
     assert [s["trainable"] for s in unet34.stage_specs(cfg)] == ["decoder", "all_but_bn"]
     assert unet34.stage_finds_lr(cfg, 1) and unet34.stage_finds_lr(cfg, 2)
     assert cfg.augment.dihedral and cfg.data.color_constancy == "shades_of_gray"
+
+
+def test_inconclusive_range_test_keeps_the_previous_sizes_rate(tmp_path, monkeypatch):
+    cfg = _cfg(**{"unet34.lr_find": True, "unet34.lr_find_steps": 8, "out": str(tmp_path)})
+    model = unet34.build(cfg, steps_per_epoch=2)
+    flat = lr_find.LRFindResult(np.logspace(-7, 1, 8), np.full(8, 0.2), np.full(8, 0.2),
+                                suggestion=3e-7, diverged=False, conclusive=False)
+    monkeypatch.setattr(lr_find, "lr_range_test", lambda *a, **k: flat)
+    (tmp_path / "lr_find").mkdir()
+    (tmp_path / "lr_find" / "rates.json").write_text(
+        json.dumps({"128px-stage1": 0.03, "128px-stage2": 0.009}))
+    logged = []
+    rate = unet34.find_stage_lr(model, cfg, 2, _one_batch_ds(), "256px-stage2", log=logged.append)
+    assert rate == pytest.approx(0.009)
+    assert "no clear fall" in logged[0]
+    assert json.loads((tmp_path / "lr_find" / "rates.json").read_text())["256px-stage2"] == 0.009
+    # Without an earlier size: the configured rate of that stage.
+    (tmp_path / "lr_find" / "rates.json").unlink()
+    assert unet34.find_stage_lr(model, cfg, 1, _one_batch_ds(), "stage1",
+                                log=logged.append) == pytest.approx(unet34.stage_lr(cfg, 1))

@@ -39,6 +39,11 @@ class LRFindResult:
     smoothed: np.ndarray
     suggestion: float
     diverged: bool
+    # False when the smoothed loss never fell by more than the batch-to-batch
+    # noise of the loss at the smallest rates: the curve is flat noise (typical
+    # of a model already trained, e.g. after a pyramid transfer) and the
+    # steepest point of it says nothing. See `is_conclusive`.
+    conclusive: bool = True
 
     def write_csv(self, path):
         import pandas as pd
@@ -63,6 +68,21 @@ def suggest(lrs, smoothed, skip_start=None, skip_end=None):
     slopes = np.gradient(smoothed, np.log(lrs))
     lo, hi = min(skip_start, len(lrs) - 2), max(len(lrs) - skip_end, 2)
     return float(lrs[lo + int(np.argmin(slopes[lo:hi]))])
+
+
+def is_conclusive(losses, smoothed):
+    """Whether the smoothed loss fell by more than the noise of the raw loss.
+
+    The noise is the standard deviation of the raw batch losses over the first
+    third of the test, where the rate is too small to change the model; the
+    fall is the first smoothed value minus the lowest. A fall within the noise
+    means the range test found no rate that clearly lowers the loss.
+    """
+    losses, smoothed = np.asarray(losses, float), np.asarray(smoothed, float)
+    if len(losses) < 6:
+        return False
+    noise = float(np.std(losses[: len(losses) // 3]))
+    return float(smoothed[0] - smoothed.min()) > noise
 
 
 def lr_range_test(model, dataset, *, min_lr=1e-7, max_lr=10.0, steps=100, beta=0.98,
@@ -122,7 +142,7 @@ def lr_range_test(model, dataset, *, min_lr=1e-7, max_lr=10.0, steps=100, beta=0
             v.assign(value)
     return LRFindResult(
         np.array(lrs), np.array(losses), np.array(smoothed),
-        suggest(lrs, smoothed), diverged,
+        suggest(lrs, smoothed), diverged, is_conclusive(losses, smoothed),
     )
 
 

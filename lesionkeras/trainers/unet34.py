@@ -190,7 +190,7 @@ def _compile_with(model, cfg, optimizer):
     )
 
 
-def find_stage_lr(model, cfg, stage: int, dataset, key: str) -> float:
+def find_stage_lr(model, cfg, stage: int, dataset, key: str, log=print) -> float:
     """The LR range test on `model` as `stage` trains it; its weights are restored.
 
     The curve goes to `RUN/lr_find/<key>.csv` and `.png` and the rate to
@@ -201,9 +201,12 @@ def find_stage_lr(model, cfg, stage: int, dataset, key: str) -> float:
         model: the ResNet U-Net. cfg: `Config` (`cfg.out` is the run directory).
         stage: int. 1-based stage. dataset: the stage's training batches.
         key: str. Name of the stage, e.g. `"128px-stage1"`.
+        log: callable. Where the fallback note goes.
 
     Returns:
-        float. The suggested rate (the configured one if the test gave none).
+        float. The suggested rate. If the test is inconclusive (`LRFindResult.
+        conclusive` is False) or gave none: the rate this stage found at the
+        previous pyramid size, else the configured one.
     """
     out = Path(cfg.out) / "lr_find" if cfg.out else None
     rates_path = out / "rates.json" if out else None
@@ -215,7 +218,14 @@ def find_stage_lr(model, cfg, stage: int, dataset, key: str) -> float:
     _compile_with(model, cfg, baseline.make_optimizer(
         dataclasses.replace(cfg.train, schedule="constant", lr=1e-7), 1))
     result = lr_find.lr_range_test(model, dataset, steps=cfg.unet34.lr_find_steps)
-    rate = result.suggestion if math.isfinite(result.suggestion) else stage_lr(cfg, stage)
+    rate = result.suggestion
+    if not (result.conclusive and math.isfinite(rate)):
+        # A flat, noisy curve (e.g. right after a pyramid transfer): keep the rate
+        # this stage had at the previous size, else the configured one.
+        earlier = [v for k, v in rates.items() if k.endswith(f"-stage{stage}")]
+        rate = float(earlier[-1]) if earlier else stage_lr(cfg, stage)
+        log(f"{key}: the LR range test shows no clear fall of the loss (flat within its "
+            f"noise); using {rate:.3g} ({'the previous size' if earlier else 'configured'})")
     if out:
         out.mkdir(parents=True, exist_ok=True)
         result.write_csv(out / f"{key}.csv")
