@@ -1,7 +1,9 @@
 """Export a trained model as a SavedModel (TensorFlow Serving) or a TFLite file.
 
 The exported graph takes raw 0-255 RGB images: the per-channel normalisation
-of the run and the sigmoid are baked in, so a client needs no Python
+of the run and its logits -> probabilities mapping (the sigmoid, or for
+`multiclass` runs the softmax over background + K structures, exactly as
+`inference.Predictor` computes it) are baked in, so a client needs no Python
 preprocessing. A SavedModel has two signatures:
 
 - `serving_default`: `images` float32 `(batch, S, S, 3)` at the model
@@ -18,7 +20,8 @@ int8 weights, or full `int8` weights and activations calibrated on a
 representative dataset of real images (its input and output stay float32, so
 every TFLite file is called the same way).
 `lesionkeras.json` beside the model records the input size, channels,
-normalisation, threshold, method, quantisation and package version.
+normalisation, threshold, method, activation (`sigmoid` or
+`softmax_structures`), structure names, quantisation and package version.
 
 Every export is checked before it is published: the artefact and the Keras
 model run on a few synthetic images, and the export is refused (nothing left
@@ -88,8 +91,13 @@ class ExportResult:
     images: int
 
 
-def serving_functions(model, image_size, mean, std, threshold, color_constancy="none"):
-    """The two serving functions, with preprocessing, sigmoid and threshold baked in.
+def serving_functions(model, image_size, mean, std, threshold, color_constancy="none",
+                      method="", container=-1):
+    """The two serving functions, with preprocessing, activation and threshold baked in.
+
+    The logits become probabilities through `inference.probabilities_from_logits`,
+    the very mapping `predict` uses: a sigmoid per channel, or for `multiclass`
+    runs the (K+1)-way softmax turned into K structure probabilities.
 
     Args:
         model: keras.Model. Returns logits `(batch, S, S, K)` for normalised input.
@@ -99,6 +107,10 @@ def serving_functions(model, image_size, mean, std, threshold, color_constancy="
         threshold: float. Probability threshold of the `mask` output.
         color_constancy: str. Colour balance of the run (`data.color_constancy`).
             Defaults to `"none"`.
+        method: str. The run's method; chooses the activation (see
+            `inference.output_activation`). Defaults to `""` (sigmoid).
+        container: int. `multiclass` only: the container structure's channel,
+            -1 for none. Defaults to -1.
 
     Returns:
         (serve, serve_bytes): `serve(images)` for a float32 batch of raw 0-255
@@ -111,7 +123,7 @@ def serving_functions(model, image_size, mean, std, threshold, color_constancy="
     def probabilities(images):
         x = apply_color_constancy(tf.clip_by_value(images, 0.0, 255.0), color_constancy)
         x = (x - mean) / std
-        return tf.sigmoid(tf.cast(model(x, training=False), tf.float32))
+        return inference.probabilities_from_logits(model(x, training=False), method, container)
 
     def outputs(p):
         return {"probabilities": p, "mask": tf.cast(p >= threshold, tf.uint8)}
@@ -129,7 +141,8 @@ def serving_functions(model, image_size, mean, std, threshold, color_constancy="
     return serve, serve_bytes
 
 
-def write_savedmodel(model, path, image_size, mean, std, threshold, color_constancy="none"):
+def write_savedmodel(model, path, image_size, mean, std, threshold, color_constancy="none",
+                     method="", container=-1):
     """Writes the SavedModel with the `serving_default` and `serving_bytes` signatures.
 
     Args:
@@ -140,9 +153,12 @@ def write_savedmodel(model, path, image_size, mean, std, threshold, color_consta
         std: sequence of 3 floats. Per-channel std (0-255 scale).
         threshold: float. Threshold of the `mask` outputs.
         color_constancy: str. Colour balance of the run. Defaults to `"none"`.
+        method: str. The run's method (activation, see `serving_functions`).
+            Defaults to `""`.
+        container: int. `multiclass` container channel or -1. Defaults to -1.
     """
     serve, serve_bytes = serving_functions(
-        model, image_size, mean, std, threshold, color_constancy
+        model, image_size, mean, std, threshold, color_constancy, method, container
     )
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -238,7 +254,7 @@ def keras_probabilities(predictor, images):
     x = tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 255.0)
     x = apply_color_constancy(x, _color_constancy(predictor))
     x = inference.pipeline.normalizer(predictor.mean, predictor.std)(x)
-    return tf.sigmoid(tf.cast(predictor.model(x, training=False), tf.float32)).numpy()
+    return np.asarray(predictor.to_probabilities(predictor.model(x, training=False)))
 
 
 def _color_constancy(predictor):
@@ -266,13 +282,7 @@ def _run_savedmodel(path, images, encoded):
 
 
 def _run_tflite(path, images):
-    from ai_edge_litert.interpreter import Interpreter
-
-    runner = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
-    return np.concatenate(
-        [runner(images=images[i : i + 1].astype(np.float32))["probabilities"]
-         for i in range(len(images))]
-    )
+    return inference.TFLiteRunner(path)(np.asarray(images, np.float32))["probabilities"]
 
 
 def _metadata(predictor, fmt, out_channels):
@@ -287,6 +297,10 @@ def _metadata(predictor, fmt, out_channels):
         "color_constancy": _color_constancy(predictor),
         "threshold": predictor.threshold,
         "method": predictor.method,
+        # The logits -> probabilities mapping baked into the signatures.
+        "activation": inference.output_activation(predictor.method),
+        "structures": list(getattr(predictor, "structures", ())),
+        "container": int(getattr(predictor, "container", -1)),
         "version": __version__,
         "source": predictor.source,
         "signatures": list(SIGNATURES) if fmt == "savedmodel" else ["serving_default"],
@@ -368,7 +382,8 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
     try:
         saved_model = tmp if format == "savedmodel" else tmp / "saved_model"
         write_savedmodel(predictor.model, saved_model, size, predictor.mean, predictor.std,
-                         predictor.threshold, _color_constancy(predictor))
+                         predictor.threshold, _color_constancy(predictor), predictor.method,
+                         predictor.container)
         if format == "savedmodel":
             probs, odd_probs = _run_savedmodel(saved_model, images, _png_bytes(odd))
             diffs = [np.abs(probs - reference).max(), np.abs(odd_probs - odd_reference).max()]

@@ -38,6 +38,39 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif"}
 SCORE_COLUMNS = metrics_lib.SCORE_NAMES
 
 
+def output_activation(method):
+    """Name of the logits -> probabilities mapping of a run's `method`.
+
+    `softmax_structures` for `multiclass` (a (K+1)-way softmax over background
+    and K structures, `losses.multiclass_probabilities`), `sigmoid` for every
+    other method (independent binary heads). Exports record it in
+    `lesionkeras.json` as `activation`.
+    """
+    return "softmax_structures" if method == "multiclass" else "sigmoid"
+
+
+def probabilities_from_logits(logits, method="", container=-1):
+    """Probabilities `(..., K)` float32 from a model's logits, as the run was trained.
+
+    The one mapping used by `Predictor` and baked into exported artefacts
+    (`export.serving_functions`), so both give the same maps.
+
+    Args:
+        logits: tensor `(..., K)` (`(..., K + 1)` for `multiclass`, channel 0
+            the background).
+        method: str. The run's `method`; see `output_activation`. Defaults to "".
+        container: int. `multiclass` only: the container structure's channel
+            (its probability is `1 - p(background)`), -1 for none. Defaults to -1.
+
+    Returns:
+        float32 tensor of probabilities in [0, 1].
+    """
+    logits = tf.cast(logits, tf.float32)
+    if output_activation(method) == "softmax_structures":
+        return _losses.multiclass_probabilities(logits, None if container < 0 else int(container))
+    return tf.sigmoid(logits)
+
+
 @dataclasses.dataclass
 class Predictor:
     """A model plus what it needs to turn raw images into probability maps."""
@@ -59,6 +92,10 @@ class Predictor:
     structures: tuple = ()
     container: int = -1
 
+    def to_probabilities(self, logits):
+        """The model's logits -> probabilities `(..., K)` (see `probabilities_from_logits`)."""
+        return probabilities_from_logits(logits, self.method, self.container)
+
     def probabilities(self, images):
         """Probability maps (H_i, W_i, K) float32 at each image's own size.
 
@@ -78,13 +115,7 @@ class Predictor:
         # The same colour balance as training (`data.color_constancy`), on the resized image.
         batch = apply_color_constancy(tf.clip_by_value(batch, 0, 255), self.color_constancy)
         batch = pipeline.normalizer(self.mean, self.std)(batch)
-        logits = tf.cast(self.model(batch, training=False), tf.float32)
-        if self.method == "multiclass":
-            probs = _losses.multiclass_probabilities(
-                logits, None if self.container < 0 else self.container
-            )
-        else:
-            probs = tf.sigmoid(logits)
+        probs = self.to_probabilities(self.model(batch, training=False))
         return [
             tf.image.resize(p, tf.shape(im)[:2], method="bilinear").numpy()
             for p, im in zip(probs, images)
@@ -313,18 +344,11 @@ def _load_exported(path, threshold):
             def forward(batch):
                 return fn(images=tf.cast(batch, tf.float32))["probabilities"]
         else:
-            from ai_edge_litert.interpreter import Interpreter
-
-            interpreter = Interpreter(model_path=str(path))
-            runner = interpreter.get_signature_runner("serving_default")
-            size = int(runner.get_input_details()["images"]["shape"][1])
+            runner = TFLiteRunner(path)
+            size = runner.image_size
 
             def forward(batch):
-                # Batch 1 per call: the file's batch dimension is fixed at conversion.
-                batch = np.asarray(batch, np.float32)
-                return np.concatenate(
-                    [runner(images=batch[i : i + 1])["probabilities"] for i in range(len(batch))]
-                )
+                return runner(np.asarray(batch, np.float32))["probabilities"]
     except Exception as e:  # noqa: BLE001 - any load failure is a bad input file
         raise DataError(f"{path}: cannot load the exported model ({type(e).__name__}: {e})") from None
     notes, meta = [], {}
@@ -337,7 +361,82 @@ def _load_exported(path, threshold):
         None, int(meta.get("input_size") or size), tuple(meta.get("mean", ())),
         tuple(meta.get("std", ())), float(thr), str(path), notes, meta.get("method", ""),
         meta.get("color_constancy", "none"), forward,
+        structures=tuple(meta.get("structures", ())), container=int(meta.get("container", -1)),
     )
+
+
+class TFLiteRunner:
+    """Runs the `serving_default` signature of a `.tflite` file on whole batches.
+
+    The input tensor is resized to each batch (`resize_tensor_input`, strict:
+    only a dimension the file leaves open, the batch of our exports, may
+    change) and the tensors re-allocated only when the batch size changes.
+    A file whose batch dimension is fixed runs image by image instead.
+    Uses the `ai-edge-litert` interpreter.
+
+    Args:
+        path: str or Path. The `.tflite` file.
+        num_threads: int or None. Interpreter threads; None lets LiteRT choose.
+
+    Example:
+
+    ```python
+    runner = TFLiteRunner("model.tflite")
+    probs = runner(images)["probabilities"]  # images: float32 (N, S, S, 3), 0-255
+    ```
+    """
+
+    def __init__(self, path, num_threads=None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+        signature = self.interpreter.get_signature_runner("serving_default")
+        (self._input,) = signature.get_input_details().values()
+        self._outputs = {k: v["index"] for k, v in signature.get_output_details().items()}
+        # The signature runner holds the interpreter's buffers, which blocks resizing.
+        del signature
+        self.image_size = int(self._input["shape"][1])
+        # -1 in the signature shape: the converter left the batch open.
+        self.resizable = int(self._input["shape_signature"][0]) == -1
+        self._batch = int(self._input["shape"][0])
+        self.interpreter.allocate_tensors()
+
+    def _resize(self, n):
+        if n == self._batch:
+            return True
+        if not self.resizable:
+            return False
+        try:
+            self.interpreter.resize_tensor_input(
+                self._input["index"], [n, *self._input["shape"][1:]], strict=True)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError):
+            self.resizable = False
+            return False
+        self._batch = n
+        return True
+
+    def _invoke(self, images):
+        self.interpreter.set_tensor(self._input["index"], images)
+        self.interpreter.invoke()
+        return {k: self.interpreter.get_tensor(i) for k, i in self._outputs.items()}
+
+    def __call__(self, images):
+        """Outputs of `serving_default` for a float32 batch `(N, S, S, 3)` of raw images.
+
+        Returns:
+            dict of output name -> numpy array with a leading batch axis `N`.
+        """
+        images = np.ascontiguousarray(images, np.float32)
+        if self._resize(len(images)):
+            return self._invoke(images)
+        # A fixed batch dimension (usually 1): chunks of that size, the last one padded.
+        step, n = self._batch, len(images)
+        pad = -n % step
+        if pad:
+            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
+        parts = [self._invoke(images[i : i + step]) for i in range(0, len(images), step)]
+        return {k: np.concatenate([p[k] for p in parts])[:n] for k in self._outputs}
 
 
 def list_images(source) -> pd.DataFrame:
@@ -407,10 +506,12 @@ def evaluate(predictor, df, *, out_dir=None, batch_size=8, progress=None, postpr
         postprocess: sequence of step names (`postprocess.STEPS`). When given,
             every image is also scored after them: per-image columns
             `<metric>_post` and `summary["postprocess"]`, side by side with
-            the raw scores (single-structure models).
+            the raw scores; K-structure models post-process and score each
+            structure on its own (`evaluate_structures`).
         post_cfg: `config.PostprocessConfig` or None (defaults).
-        report: bool. Also write the failure report (`write_report`) to
-            `out_dir` (required then).
+        report: bool. Also write the failure report (`write_report`, or
+            `write_structure_report` for K-structure models) to `out_dir`
+            (required then).
 
     Returns:
         (per-image DataFrame, summary dict).
@@ -427,13 +528,9 @@ def evaluate(predictor, df, *, out_dir=None, batch_size=8, progress=None, postpr
         return {k: float(np.asarray(scores[k]).reshape(-1)[0]) for k in SCORE_COLUMNS}
 
     if len(getattr(predictor, "structures", ())) > 1:
-        if postprocess or report:
-            raise DataError(
-                f"{predictor.source}: --postprocess and --report support single-structure "
-                "models only"
-            )
         return evaluate_structures(
-            predictor, df, out_dir=out_dir, batch_size=batch_size, progress=progress
+            predictor, df, out_dir=out_dir, batch_size=batch_size, progress=progress,
+            postprocess=postprocess, post_cfg=post_cfg, report=report,
         )
     names = getattr(predictor, "names", [])
     rows, member_rows = [], {n: [] for n in names}
@@ -574,7 +671,8 @@ def _read_structure_mask(path, shape):
         raise DataError(f"{path}: cannot read mask ({e})") from None
 
 
-def evaluate_structures(predictor, df, *, out_dir=None, batch_size=8, progress=None):
+def evaluate_structures(predictor, df, *, out_dir=None, batch_size=8, progress=None,
+                        postprocess=(), post_cfg=None, report=False):
     """Per-structure scores of a K-structure model (`smile`, `multiclass`).
 
     Structure k of an image is scored when the manifest has a mask file for it
@@ -582,7 +680,32 @@ def evaluate_structures(predictor, df, *, out_dir=None, batch_size=8, progress=N
     `annotated_<name>` flag: labels removed by `data drop-labels` keep their
     file, so evaluation uses the full truth. Images without the file are
     left out of that structure's mean. `per_image.csv` has one column
-    `<score>_<structure>` per score and structure (empty when not scored).
+    `<score>_<structure>` per score and structure (empty when not scored)
+    and `dice_mean`, the mean Dice over the image's scored structures.
+
+    Post-processing works per structure: the dense CRF refines each output
+    channel as its own two-label problem and morphology cleans each channel's
+    mask on its own, with the one `[postprocess]` table of the run (so
+    `keep_largest` keeps one component of every structure; switch it off for
+    scattered attributes such as globules). The post-processed scores are the
+    columns `<score>_<structure>_post` and `dice_mean_post`, and
+    `summary["postprocess"]` holds their per-structure means beside the raw ones.
+
+    The failure report (`report=True`) has one row per image, sorted worst
+    mean Dice first (after post-processing when there was any), with the
+    image's Dice per structure and one panel per structure (image | that
+    structure's prediction tinted red, its truth outlined green when it has
+    a mask file), written to `report/<rank>_<id>_<structure>.png`.
+
+    Args:
+        predictor: a predictor whose `structures` name its output channels.
+        df: manifest (`list_images` or a dataset layout).
+        out_dir: str, Path or None. Where per_image.csv and summary.json go.
+        batch_size: int. Images per forward pass. Defaults to 8.
+        progress: callable or None. Called with the number of images done.
+        postprocess: sequence of step names (`postprocess.STEPS`). Defaults to ().
+        post_cfg: `config.PostprocessConfig` or None (defaults).
+        report: bool. Also write `report.html` (needs `out_dir`). Defaults to False.
 
     Returns:
         (per-image DataFrame, summary dict with `structures`: {name: {score: mean,
@@ -590,66 +713,179 @@ def evaluate_structures(predictor, df, *, out_dir=None, batch_size=8, progress=N
     """
     from lesionkeras.data.missing import mask_column
 
+    if report and out_dir is None:
+        raise ValueError("`report=True` needs an `out_dir`.")
     names = tuple(predictor.structures)
     columns = {}
     for s in names:
         col = mask_column(s)
         columns[s] = (df[col].fillna("").astype(str).tolist() if col in df else [""] * len(df))
+    suffixes = ("", "_post") if postprocess else ("",)
     rows = []
     for batch in _read_batches(df, batch_size, with_masks=False):
         probs = predictor.probabilities([img for _, img, _ in batch])
-        for (idx, _, _), prob in zip(batch, probs):
+        for (idx, img, _), prob in zip(batch, probs):
             row = {"id": df["id"].iloc[idx], "image": df["image"].iloc[idx]}
+            masks = {"": prob >= predictor.threshold}
+            if postprocess:
+                masks["_post"] = postprocess_lib.apply(
+                    postprocess, np.asarray(img), prob, predictor.threshold, post_cfg)[1]
+            truths = {}
             for k, s in enumerate(names):
                 truth = _read_structure_mask(columns[s][idx].strip(), prob.shape[:2])
-                for key in STRUCTURE_SCORES:
-                    row[f"{key}_{s}"] = np.nan
-                if truth is None:
-                    continue
-                scores = metrics_lib.per_image_scores(
-                    truth, prob[..., k], threshold=predictor.threshold, from_logits=False
-                )
-                for key in STRUCTURE_SCORES:
-                    row[f"{key}_{s}"] = float(np.asarray(scores[key]).reshape(-1)[0])
+                truths[s] = truth
+                for suffix in suffixes:
+                    for key in STRUCTURE_SCORES:
+                        row[f"{key}_{s}{suffix}"] = np.nan
+                    if truth is None:
+                        continue
+                    pred = prob[..., k] if suffix == "" else masks[suffix][..., k].astype(np.float32)
+                    scores = metrics_lib.per_image_scores(
+                        truth, pred, threshold=predictor.threshold, from_logits=False
+                    )
+                    for key in STRUCTURE_SCORES:
+                        row[f"{key}_{s}{suffix}"] = float(np.asarray(scores[key]).reshape(-1)[0])
+            for suffix in suffixes:
+                dice = [row[f"dice_{s}{suffix}"] for s in names if truths[s] is not None]
+                row[f"dice_mean{suffix}"] = float(np.mean(dice)) if dice else np.nan
+            if report:
+                final = masks["_post" if postprocess else ""]
+                for k, s in enumerate(names):
+                    truth = truths[s] if truths[s] is not None else np.zeros(prob.shape[:2])
+                    rel = f"{REPORT_DIR}/{len(rows):05d}_{_safe_name(row['id'])}_{_safe_name(s)}.png"
+                    row[f"overlay_{s}"] = rel
+                    panel = report_panel(np.asarray(img), truth > 0.5, final[..., k])
+                    (Path(out_dir) / REPORT_DIR).mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(panel).save(Path(out_dir) / rel)
             rows.append(row)
         if progress:
             progress(len(batch))
     per_image = pd.DataFrame(rows)
-    per_structure = {}
-    for s in names:
-        scored = per_image[f"dice_{s}"].notna() if len(per_image) else []
-        per_structure[s] = {
-            "images": int(np.sum(scored)),
-            **{k: float(per_image.loc[scored, f"{k}_{s}"].mean()) if np.sum(scored) else float("nan")
-               for k in STRUCTURE_SCORES},
-        }
-    scored = [v for v in per_structure.values() if v["images"]]
+
+    def means(suffix):
+        per_structure = {}
+        for s in names:
+            scored = per_image[f"dice_{s}{suffix}"].notna() if len(per_image) else []
+            per_structure[s] = {
+                "images": int(np.sum(scored)),
+                **{k: float(per_image.loc[scored, f"{k}_{s}{suffix}"].mean())
+                   if np.sum(scored) else float("nan") for k in STRUCTURE_SCORES},
+            }
+        scored = [v for v in per_structure.values() if v["images"]]
+        overall = {k: float(np.mean([v[k] for v in scored])) if scored else float("nan")
+                   for k in STRUCTURE_SCORES}
+        return per_structure, overall
+
+    per_structure, overall = means("")
     summary = {
         "model": predictor.source,
         "images": len(per_image),
         "threshold": predictor.threshold,
-        **{k: float(np.mean([v[k] for v in scored])) if scored else float("nan")
-           for k in STRUCTURE_SCORES},
+        **overall,
         "structures": per_structure,
     }
+    if postprocess:
+        post_structures, post_overall = means("_post")
+        summary["postprocess"] = _post_summary(postprocess, post_cfg) | post_overall | {
+            "structures": post_structures}
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         per_image.to_csv(out_dir / "per_image.csv", index=False, float_format="%.6f")
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if report:
+            write_structure_report(per_image, summary, names, out_dir / "report.html")
     return per_image, summary
+
+
+def write_structure_report(per_image, summary, names, path):
+    """The failure report of a K-structure model: one row per image, worst mean Dice first.
+
+    Each row shows the image's Dice per structure (after post-processing when
+    there was any; `-` where the structure has no truth mask) and one panel per
+    structure (see `evaluate_structures`). Self-contained like `write_report`.
+
+    Args:
+        per_image: DataFrame from `evaluate_structures(..., report=True)`.
+        summary: dict from `evaluate_structures`.
+        names: sequence of structure names (the output channels).
+        path: str or Path. The HTML file written.
+    """
+    import html
+
+    post = summary.get("postprocess")
+    suffix = "_post" if post else ""
+    key = f"dice_mean{suffix}"
+    rows = per_image.sort_values([key, "id"], kind="stable", na_position="last")
+
+    def cell(value):
+        return "-" if pd.isna(value) else f"{value:.4f}"
+
+    head = "<tr><th>structure</th>" + "".join(
+        f"<th>{k}</th>" + (f"<th>{k} {html.escape('+'.join(post['steps']))}</th>" if post else "")
+        for k in STRUCTURE_SCORES) + "<th>images</th></tr>"
+    table = "".join(
+        f"<tr><td>{html.escape(s)}</td>" + "".join(
+            f"<td>{cell(v[k])}</td>" + (f"<td>{cell(post['structures'][s][k])}</td>" if post else "")
+            for k in STRUCTURE_SCORES) + f"<td>{v['images']}</td></tr>"
+        for s, v in summary["structures"].items()
+    )
+    cases = "".join(
+        f"<tr><td>{i + 1}</td><td>{html.escape(str(r['id']))}</td><td>{cell(r[key])}</td>"
+        + "".join(f"<td>{cell(r[f'dice_{s}{suffix}'])}</td>" for s in names)
+        + "<td>" + "".join(
+            f"<figure><img src=\"{html.escape(r[f'overlay_{s}'])}\" "
+            f"alt=\"{html.escape(str(r['id']))} {html.escape(s)}\">"
+            f"<figcaption>{html.escape(s)}</figcaption></figure>" for s in names)
+        + "</td></tr>\n"
+        for i, (_, r) in enumerate(rows.iterrows())
+    )
+    structure_heads = "".join(f"<th>dice {html.escape(s)}</th>" for s in names)
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>lesionkeras failure report</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}img{{max-width:480px}}
+figure{{display:inline-block;margin:2px}}</style>
+</head><body>
+<h1>Failure report</h1>
+<p>Model: {html.escape(str(summary['model']))}. {summary['images']} images, threshold
+{summary['threshold']:g}, {len(names)} structures. Each panel: the image, then that
+structure's prediction tinted red with its truth outlined green. Sorted by {key} (mean
+Dice over the structures an image has a truth mask for), worst first.</p>
+<table>{head}{table}</table>
+<h2>Images, worst {key} first</h2>
+<table><tr><th>rank</th><th>id</th><th>{key}</th>{structure_heads}<th>overlays</th></tr>
+{cases}</table>
+</body></html>
+"""
+    Path(path).write_text(page)
 
 
 def _format_structures(summary) -> str:
     per = summary["structures"]
+    post = summary.get("postprocess")
     width = max(len("structure"), max(len(s) for s in per), len("mean"))
-    head = f"{'structure':<{width}}  " + "  ".join(f"{k:>11}" for k in STRUCTURE_SCORES)
-    lines = [head + "  images"]
+
+    def cells(values, post_values=None):
+        out = []
+        for k in STRUCTURE_SCORES:
+            out.append(f"{values[k]:>11.4f}")
+            if post_values is not None:
+                out.append(f"{post_values[k]:>11.4f}")
+        return "  ".join(out)
+
+    if post:
+        name = "+".join(post["steps"])
+        heads = [h for k in STRUCTURE_SCORES for h in (k, "post")]
+        lines = [f"each score raw, then after {name} (post)"]
+    else:
+        heads = list(STRUCTURE_SCORES)
+        lines = []
+    lines.append(f"{'structure':<{width}}  " + "  ".join(f"{h:>11}" for h in heads) + "  images")
     for s, v in per.items():
-        lines.append(f"{s:<{width}}  " + "  ".join(f"{v[k]:>11.4f}" for k in STRUCTURE_SCORES)
+        lines.append(f"{s:<{width}}  " + cells(v, post["structures"][s] if post else None)
                      + f"  {v['images']:>6}")
-    lines.append(f"{'mean':<{width}}  " + "  ".join(
-        f"{summary[k]:>11.4f}" for k in STRUCTURE_SCORES) + f"  {summary['images']:>6}")
+    lines.append(f"{'mean':<{width}}  " + cells(summary, post) + f"  {summary['images']:>6}")
     return "\n".join(lines)
 
 

@@ -241,3 +241,210 @@ def test_colour_constancy_is_baked_in(tmp_path):
     result = export.export_model(run, tmp_path / "sm")
     meta = json.loads(result.metadata_path.read_text())
     assert meta["color_constancy"] == "shades_of_gray" and result.max_abs_diff <= 1e-4
+
+
+# --------------------------------------------------------------------------- #
+# Every model type of the registry, and K-structure (smile / multiclass) runs
+# --------------------------------------------------------------------------- #
+
+# Tiny options per covered builder; every other registered name shares a
+# builder with one of them (`SAME_BUILDER`), so a new model must be added here.
+MODEL_CASES = {
+    "resnet18_unet": ("baseline", {"filters": 8}),
+    "segan": ("segan", {"filters": 8, "depth": 3, "k": 0.05}),
+    "vgg19se": ("baseline", {"encoder_filters": 8, "filters": 8, "k": 0.05}),
+    "resnet18_deeplab": ("baseline", {"filters": 8, "dropout": 0.0}),
+    "deeplabv3plus": ("baseline", {"filters": 1}),  # ResNet50 encoder, ASPP width 16
+}
+SAME_BUILDER = {
+    "unet": "run_dir fixture above",
+    "resnet34_unet": "resnet18_unet", "resnet50_unet": "resnet18_unet",
+    "resnet34_deeplab": "resnet18_deeplab", "resnet50_deeplab": "resnet18_deeplab",
+}
+
+
+def _make_run(root, name, method, options, out_channels=1, size=SIZE, **overrides):
+    """A run directory: an untrained `name` model and a config.toml of `method`."""
+    run = root / f"{method}-{name}"
+    run.mkdir(parents=True)
+    keras.utils.set_random_seed(3)
+    registry.build(name, input_shape=(size, size, 3), out_channels=out_channels,
+                   **options).save(run / "model.keras")
+    config_lib.load_config(overrides={
+        "method": method, "data.image_size": size, "model.name": name,
+        "data.mean": list(MEAN), "data.std": list(STD), **overrides,
+    }).save(run / "config.toml")
+    keras.backend.clear_session()
+    return run
+
+
+def _logits(run, images):
+    """The raw model output on normalised images, computed here from first principles."""
+    model = keras.saving.load_model(run / "model.keras")
+    x = (np.asarray(images, np.float32) - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
+    return np.asarray(model(x, training=False), np.float64)
+
+
+def _export_both(run, tmp_path):
+    sm = export.export_model(run, tmp_path / "sm")
+    tfl = export.export_model(run, tmp_path / "model.tflite", format="tflite")
+    return sm, tfl
+
+
+def _artefact_probabilities(sm_path, tflite_path, images):
+    loaded = tf.saved_model.load(str(sm_path)).signatures["serving_default"]
+    from_sm = loaded(images=tf.constant(images, tf.float32))["probabilities"].numpy()
+    from_tflite = inference.TFLiteRunner(tflite_path)(images)["probabilities"]
+    return from_sm, from_tflite
+
+
+def test_every_registered_model_is_covered():
+    # Export serves segmentation models (the classifiers of ISIC Tasks 2/3 are not exported).
+    assert set(registry.names(task="segment")) == set(MODEL_CASES) | set(SAME_BUILDER)
+    assert set(SAME_BUILDER.values()) - {"run_dir fixture above"} <= set(MODEL_CASES)
+
+
+@pytest.mark.parametrize("name", [
+    # The ResNet50 DeepLab takes over 20 s to convert on a small CPU.
+    pytest.param(n, marks=pytest.mark.slow) if n == "deeplabv3plus" else n
+    for n in sorted(MODEL_CASES)
+])
+def test_export_parity_for_each_model_type(name, tmp_path):
+    method, options = MODEL_CASES[name]
+    run = _make_run(tmp_path, name, method, options)
+    sm, tfl = _export_both(run, tmp_path)
+    assert sm.max_abs_diff <= 1e-4 and tfl.max_abs_diff <= 1e-4
+
+    images = export.parity_images(SIZE, 3, seed=31).astype(np.float32)
+    from_sm, from_tflite = _artefact_probabilities(sm.path, tfl.path, images)
+    # The package's logits convention: one sigmoid, for SegAN/VGG19-SE's adaptive
+    # logistic too (the model returns z / k, the artefact f(z) = sigmoid(z / k)).
+    expected = 1.0 / (1.0 + np.exp(-_logits(run, images)))
+    keras_probs = np.stack(inference.load_predictor(run).probabilities(list(images)))
+    np.testing.assert_allclose(keras_probs, expected, atol=1e-4)
+    np.testing.assert_allclose(from_sm, expected, atol=1e-4)
+    np.testing.assert_allclose(from_tflite, expected, atol=1e-4)
+    assert from_sm.shape == (3, SIZE, SIZE, 1)
+    if "k" in options:
+        # k = 0.05 spreads f(z) towards 0 and 1; a second sigmoid would squeeze
+        # every value into [0.5, 0.731].
+        assert from_sm.min() < 0.3 or from_sm.max() > 0.8
+    meta = json.loads(sm.metadata_path.read_text())
+    assert meta["activation"] == "sigmoid" and meta["method"] == method
+
+
+def _softmax_structures(logits, container):
+    """`multiclass` probabilities in numpy: softmax, drop background, container = 1 - p0."""
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+    probs = p[..., 1:].copy()
+    if container is not None:
+        probs[..., container] = 1.0 - p[..., 0]
+    return probs
+
+
+@pytest.mark.parametrize("container", ["lesion", ""])
+def test_multiclass_export_uses_the_softmax_of_predict(container, tmp_path):
+    names = ["lesion", "globules", "streaks"]
+    run = _make_run(tmp_path, "unet", "multiclass", {"filters": 8, "depth": 2},
+                    out_channels=len(names) + 1,
+                    **{"smile.structures": ",".join(names), "smile.container": container})
+    sm, tfl = _export_both(run, tmp_path)
+    images = export.parity_images(SIZE, 3, seed=41).astype(np.float32)
+    from_sm, from_tflite = _artefact_probabilities(sm.path, tfl.path, images)
+
+    predictor = inference.load_predictor(run)
+    keras_probs = np.stack(predictor.probabilities(list(images)))
+    expected = _softmax_structures(_logits(run, images), 0 if container else None)
+    np.testing.assert_allclose(keras_probs, expected, atol=1e-4)
+    for got in (from_sm, from_tflite):
+        assert got.shape == (3, SIZE, SIZE, 3)
+        np.testing.assert_allclose(got, keras_probs, atol=1e-4)
+    logits = _logits(run, images)
+    p0 = _softmax_structures(logits, None).sum(-1)  # 1 - p(background)
+    if container:
+        # The container is everything but background: it encloses the other structures.
+        np.testing.assert_allclose(from_tflite[..., 0], p0, atol=1e-4)
+        assert (from_tflite[..., 0] + 1e-5 >= from_tflite[..., 1:].sum(-1)).all()
+    else:
+        # Exclusive classes: the structures and the background sum to 1.
+        np.testing.assert_allclose(from_tflite.sum(-1), p0, atol=1e-4)
+    # A sigmoid per channel (the bug this guards against) gives other maps.
+    assert np.abs(from_sm - 1.0 / (1.0 + np.exp(-logits[..., 1:]))).max() > 0.05
+
+    meta = json.loads(sm.metadata_path.read_text())
+    assert meta["activation"] == "softmax_structures" and meta["method"] == "multiclass"
+    assert meta["structures"] == names and meta["out_channels"] == 3
+    assert meta["container"] == (0 if container else -1)
+    tmeta = json.loads(tfl.metadata_path.read_text())
+    assert tmeta["activation"] == "softmax_structures" and tmeta["structures"] == names
+
+    # The artefacts predict one mask per structure, like the run.
+    for artefact in (sm.path, tfl.path):
+        loaded = inference.load_predictor(artefact)
+        assert loaded.structures == tuple(names)
+        np.testing.assert_allclose(np.stack(loaded.probabilities(list(images))), keras_probs,
+                                   atol=1e-4)
+
+
+def test_smile_k_structure_export_parity(tmp_path):
+    names = ["lesion", "globules", "streaks"]
+    run = _make_run(tmp_path, "unet", "smile", {"filters": 8, "depth": 2},
+                    out_channels=len(names), **{"smile.structures": ",".join(names)})
+    sm, tfl = _export_both(run, tmp_path)
+    images = export.parity_images(SIZE, 2, seed=43).astype(np.float32)
+    from_sm, from_tflite = _artefact_probabilities(sm.path, tfl.path, images)
+    expected = 1.0 / (1.0 + np.exp(-_logits(run, images)))  # K independent sigmoid heads
+    assert from_sm.shape == (2, SIZE, SIZE, 3)
+    np.testing.assert_allclose(from_sm, expected, atol=1e-4)
+    np.testing.assert_allclose(from_tflite, expected, atol=1e-4)
+    meta = json.loads(sm.metadata_path.read_text())
+    assert meta["activation"] == "sigmoid" and meta["structures"] == names
+
+
+# --------------------------------------------------------------------------- #
+# Batched TFLite inference
+# --------------------------------------------------------------------------- #
+
+
+def test_tflite_runs_whole_batches(run_dir, tmp_path):
+    out = tmp_path / "model.tflite"
+    export.export_model(run_dir, out, format="tflite")
+    images = export.parity_images(SIZE, 5, seed=13).astype(np.float32)
+    runner = inference.TFLiteRunner(out)
+    assert runner.resizable
+    batch = runner(images)["probabilities"]
+    # The interpreter really ran all five at once.
+    assert list(runner.interpreter.get_input_details()[0]["shape"]) == [5, SIZE, SIZE, 3]
+    single = np.concatenate([runner(images[i : i + 1])["probabilities"] for i in range(5)])
+    assert batch.shape == (5, SIZE, SIZE, 1)
+    np.testing.assert_allclose(batch, single, atol=1e-6)
+    np.testing.assert_allclose(batch, export.keras_probabilities(
+        inference.load_predictor(run_dir), images), atol=1e-4)
+    # The predictor over the file batches too, with the same maps.
+    predictor = inference.load_predictor(out)
+    together = predictor.probabilities(list(images.astype(np.uint8)))
+    alone = [predictor.probabilities([im])[0] for im in images.astype(np.uint8)]
+    np.testing.assert_allclose(np.stack(together), np.stack(alone), atol=1e-6)
+
+
+def test_tflite_with_a_fixed_batch_falls_back_to_chunks(tmp_path):
+    class Fixed(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([2, 8, 8, 3], tf.float32, name="images")])
+        def serve(self, images):
+            return {"probabilities": tf.sigmoid(tf.reduce_mean(images, -1, keepdims=True) / 50.0
+                                                - 2.0)}
+
+    module = Fixed()
+    tf.saved_model.save(module, str(tmp_path / "sm"),
+                        signatures={"serving_default": module.serve})
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "sm"))
+    (tmp_path / "fixed.tflite").write_bytes(converter.convert())
+
+    runner = inference.TFLiteRunner(tmp_path / "fixed.tflite")
+    assert not runner.resizable
+    images = np.random.default_rng(0).uniform(0, 255, (3, 8, 8, 3)).astype(np.float32)
+    got = runner(images)["probabilities"]
+    expected = 1.0 / (1.0 + np.exp(-(images.mean(-1, keepdims=True) / 50.0 - 2.0)))
+    assert got.shape == (3, 8, 8, 1)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
