@@ -14,6 +14,7 @@ from lesionkeras.classify import data as cdata
 from lesionkeras.classify import metrics as cmetrics
 from lesionkeras.classify import triplet
 from lesionkeras.errors import ConfigError, DataError
+from _helpers import tiny_classify_config
 
 # Hand-made batch: class 0 (minority) = rows 0, 1; class 1 (majority) = rows 2, 3, 4.
 EMB = np.array([[0, 0], [1, 0], [0, 2], [2, 0], [0, -1.5]], np.float32)
@@ -180,22 +181,12 @@ TINY = [
 ]
 
 
-def _tiny_config(tmp_path, extra=""):
-    path = tmp_path / "tiny.toml"
-    path.write_text(
-        "[data]\nsynthetic_count = 40\nsynthetic_size = 40\nval_fraction = 0.25\n"
-        "[classify]\nbackbone = \"resnet18\"\nresize_width = 40\nresize_height = 36\n"
-        "crop = 32\nreferences_per_class = 3\n" + extra
-    )
-    return str(path)
-
-
 @pytest.mark.slow
 def test_cli_classify_fit_evaluate_predict(tmp_path):
     runner = CliRunner()
     run = tmp_path / "run"
     result = runner.invoke(cli.main, ["fit", "--task", "classify", "--method", "triplet",
-                                      "--config", _tiny_config(tmp_path), "--out", str(run), *TINY])
+                                      "--config", tiny_classify_config(tmp_path), "--out", str(run), *TINY])
     assert result.exit_code == 0, result.output
     assert "balanced_accuracy" in result.output
     for name in ("model.keras", "last.keras", "classes.json", "references.npz", "history.csv",

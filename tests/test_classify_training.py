@@ -1,8 +1,6 @@
 """ISIC 2018 Tasks 2 and 3 training: offline triplets, resume, distribution, registry."""
 
 import json
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -14,6 +12,7 @@ from lesionkeras import cli
 from lesionkeras import config as config_lib
 from lesionkeras.classify import triplet
 from lesionkeras.models import registry
+from _helpers import InterruptAfter, fit_on_two_cpus, tiny_classify_config
 
 # Hand-made embedding: class 0 (minority) = rows 0, 1; class 1 (majority) = rows 2, 3, 4;
 # class 2 (minority) = rows 5, 6, 7.
@@ -166,16 +165,6 @@ def test_offline_batches_read_the_table_and_train_the_triplet_loss(tmp_path):
 TINY = ["--data", "synthetic", "--batch-size", "8", "--lr", "0.01", "--no-progress"]
 
 
-def _tiny_config(tmp_path, extra=""):
-    path = tmp_path / "tiny.toml"
-    path.write_text(
-        "[data]\nsynthetic_count = 40\nsynthetic_size = 40\nval_fraction = 0.25\n"
-        "[classify]\nbackbone = \"resnet18\"\nresize_width = 40\nresize_height = 36\n"
-        "crop = 32\nreferences_per_class = 3\n" + extra
-    )
-    return str(path)
-
-
 def _weights(path):
     return [np.asarray(w) for w in keras.saving.load_model(path).get_weights()]
 
@@ -185,7 +174,7 @@ def test_cli_classify_resume_continues_the_epochs(tmp_path):
     runner = CliRunner()
     run = tmp_path / "run"
     result = runner.invoke(cli.main, ["fit", "--task", "classify", "--method", "triplet",
-                                      "--config", _tiny_config(tmp_path), "--out", str(run),
+                                      "--config", tiny_classify_config(tmp_path), "--out", str(run),
                                       "--epochs", "2", *TINY])
     assert result.exit_code == 0, result.output
     last, best = _weights(run / "last.keras"), _weights(run / "model.keras")
@@ -212,16 +201,6 @@ def test_cli_classify_resume_continues_the_epochs(tmp_path):
     assert result.output.strip().count("\n") == 0 and "Traceback" not in result.output
 
 
-class _InterruptAfter(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 class _StartState(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.iterations = int(self.model.optimizer.iterations.numpy())
@@ -239,7 +218,7 @@ def test_attributes_resume_restores_optimizer_and_epoch(tmp_path):
         "train.epochs": 3, "train.progress": False, "seed": 2,
     })
     with pytest.raises(KeyboardInterrupt):
-        run_lib.fit(cfg, verbose=0, log=lambda line: None, extra_callbacks=[_InterruptAfter(0)])
+        run_lib.fit(cfg, verbose=0, log=lambda line: None, extra_callbacks=[InterruptAfter(0)])
     run = tmp_path / "run"
     assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0]
     saved = _weights(run / "last.keras")
@@ -260,7 +239,7 @@ def test_cli_regenerated_triplets_train_with_a_finite_loss(tmp_path):
     run = tmp_path / "run"
     result = CliRunner().invoke(cli.main, [
         "fit", "--task", "classify", "--method", "triplet", "--out", str(run), "--epochs", "2",
-        "--config", _tiny_config(tmp_path, "regenerate_every = 1\n"), *TINY])
+        "--config", tiny_classify_config(tmp_path, "regenerate_every = 1\n"), *TINY])
     assert result.exit_code == 0, result.output
     assert "triplets regenerated every 1 epochs" in result.output
     # 30 training images; minority classes anchor min(4, n - 1) positives each.
@@ -278,18 +257,9 @@ def test_classify_under_mirrored_strategy_on_two_logical_cpus(tmp_path):
     # A process of its own: logical devices are set before TensorFlow starts, and
     # collective keys of several MirroredStrategy objects in one process collide.
     run = tmp_path / "run"
-    script = (
-        "import sys, tensorflow as tf\n"
-        "cpu = tf.config.list_physical_devices('CPU')\n"
-        "tf.config.set_logical_device_configuration(\n"
-        "    cpu[0], [tf.config.LogicalDeviceConfiguration()] * 2)\n"
-        "from lesionkeras.cli import main\n"
-        "main(['fit'] + sys.argv[1:])\n"
-    )
-    args = ["--task", "classify", "--method", "triplet", "--config", _tiny_config(tmp_path),
+    args = ["--task", "classify", "--method", "triplet", "--config", tiny_classify_config(tmp_path),
             "--out", str(run), "--epochs", "1", "--strategy", "mirrored", *TINY]
-    res = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
-                         timeout=600)
+    res = fit_on_two_cpus(args)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "MirroredStrategy with 2 replica(s)" in res.stdout
     hist = pd.read_csv(run / "history.csv")

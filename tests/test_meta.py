@@ -1,8 +1,6 @@
 """`--method meta` (Mirikharaji et al. 2019, eq. 6-9): weights, both meta-gradients, BN, CLI."""
 
 import json
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -14,6 +12,7 @@ from click.testing import CliRunner
 from lesionkeras.cli import main
 from lesionkeras.models.unet import build_unet
 from lesionkeras.trainers.meta import MetaReweighter, normalize_weights
+from _helpers import fit_on_two_cpus
 
 
 def batch(seed=0, noisy=2, clean=4, size=32):
@@ -149,18 +148,7 @@ def test_meta_under_mirrored_strategy(tmp_path):
     # ("shape mismatch in the collective instance"), which a real run, with one
     # strategy per process, never meets.
     run = tmp_path / "run"
-    args = [*TINY, "--strategy", "mirrored", "--out", str(run)]
-    script = (
-        "import sys, tensorflow as tf\n"
-        "cpu = tf.config.list_physical_devices('CPU')\n"
-        "tf.config.set_logical_device_configuration(\n"
-        "    cpu[0], [tf.config.LogicalDeviceConfiguration()] * 2)\n"
-        "from lesionkeras.cli import main\n"
-        "main(['fit'] + sys.argv[1:])\n"
-    )
-    res = subprocess.run(
-        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600
-    )
+    res = fit_on_two_cpus([*TINY, "--strategy", "mirrored", "--out", run])
     assert res.returncode == 0, res.stdout + res.stderr
     assert "2 replica" in res.stdout
     hist = pd.read_csv(run / "history.csv")

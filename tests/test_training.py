@@ -3,7 +3,6 @@
 import json
 import re
 
-import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +11,7 @@ from click.testing import CliRunner
 from lesionkeras import config as config_lib
 from lesionkeras.cli import main
 from lesionkeras.trainers import run as run_lib
+from _helpers import InterruptAfter
 
 TINY = {"data.image_size": 32, "model.filters": 8, "model.depth": 2, "train.batch_size": 4,
         "train.progress": False, "data.limit": 24}
@@ -21,16 +21,6 @@ def tiny_cfg(tmp_path, **extra):
     over = dict(TINY, out=str(tmp_path / "run"))
     over.update({k.replace("__", "."): v for k, v in extra.items()})
     return config_lib.load_config(None, over)
-
-
-class InterruptAfter(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def test_resume_continues_an_interrupted_run(tmp_path):

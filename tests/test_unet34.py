@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from _recorders import WeightRecorder
+from _helpers import WeightRecorder
 from click.testing import CliRunner
 
 from lesionkeras import config as config_lib

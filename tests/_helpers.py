@@ -1,0 +1,73 @@
+"""Pieces several test files share: callbacks, a two-device fit, a tiny classify config."""
+
+import subprocess
+import sys
+
+import keras
+import numpy as np
+
+
+class WeightRecorder(keras.callbacks.Callback):
+    """Weights at the start and the end of each fit: `fits[i] = [start, end]`.
+
+    Args:
+        layer: str or None. Record only this layer's weights (trainable and batch-norm
+            statistics), e.g. `"encoder"`; None records the whole model.
+    """
+
+    def __init__(self, layer=None):
+        super().__init__()
+        self.layer = layer
+        self.fits = []
+
+    def _weights(self):
+        source = self.model.get_layer(self.layer) if self.layer else self.model
+        return [np.array(w) for w in source.weights]
+
+    def on_train_begin(self, logs=None):
+        self.fits.append([self._weights()])
+
+    def on_train_end(self, logs=None):
+        self.fits[-1].append(self._weights())
+
+
+class InterruptAfter(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt (as Ctrl-C would) at the end of epoch `epoch` (0-based)."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def fit_on_two_cpus(args, timeout=600):
+    """`lesionkeras fit ARGS` in a process of its own with two logical CPU devices.
+
+    Logical devices must be set before TensorFlow starts, and the collective keys
+    of several MirroredStrategy objects in one process collide; returns the
+    `subprocess.CompletedProcess`.
+    """
+    script = (
+        "import sys, tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')\n"
+        "tf.config.set_logical_device_configuration(\n"
+        "    cpu[0], [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "from lesionkeras.cli import main\n"
+        "main(['fit'] + sys.argv[1:])\n"
+    )
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_classify_config(tmp_path, extra=""):
+    """A TOML file for a seconds-long `--task classify` run on synthetic data."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(
+        "[data]\nsynthetic_count = 40\nsynthetic_size = 40\nval_fraction = 0.25\n"
+        "[classify]\nbackbone = \"resnet18\"\nresize_width = 40\nresize_height = 36\n"
+        "crop = 32\nreferences_per_class = 3\n" + extra
+    )
+    return str(path)
