@@ -29,6 +29,7 @@ from lesionkeras import config as config_lib
 from lesionkeras import losses as _losses  # noqa: F401 - registers the loss classes for loading
 from lesionkeras import metrics as metrics_lib
 from lesionkeras import postprocess as postprocess_lib
+from lesionkeras import schedules as _schedules  # noqa: F401 - registers the schedules of saved optimizers
 from lesionkeras.data import layout, pipeline
 from lesionkeras.data.color import apply_color_constancy
 from lesionkeras.errors import DataError

@@ -122,3 +122,15 @@ def test_fit_with_one_cycle_logs_the_cycle(tmp_path):
     # 8 training images / batch 4 = 2 steps per epoch, 4 in all: peak then the floor.
     expected = OneCycle(0.01, total_steps=4, pct_start=0.3)
     np.testing.assert_allclose(lr, [float(expected(2)), float(expected(4))], rtol=1e-5)
+
+    # A fresh process (nothing imported but the inference module) loads the run:
+    # its checkpoint's optimizer names a lesionkeras schedule.
+    import subprocess
+    import sys
+
+    code = ("import sys; from lesionkeras import inference; "
+            "p = inference.load_predictor(sys.argv[1]); print(p.model.count_params())")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert int(res.stdout.split()[-1]) > 0
