@@ -84,6 +84,11 @@ def test_conclusive_only_when_the_loss_falls_beyond_its_noise():
     smoothed_falling = pd.Series(falling).ewm(alpha=0.02, adjust=True).mean().to_numpy()
     assert lr_find.is_conclusive(falling, smoothed_falling)
     assert not lr_find.is_conclusive(falling[:5], smoothed_falling[:5])  # too short to tell
+    # A noisy first batch above a flat curve (ISIC, fold 2, 128 px stage 2): not a fall.
+    isic = [0.282, 0.216, 0.138, 0.165, 0.290, 0.141, 0.149, 0.145, 0.220, 0.177, 0.249,
+            0.206, 0.306, 0.282, 0.491, 0.454, 0.140]
+    smoothed_isic = pd.Series(isic).ewm(alpha=0.02, adjust=True).mean().to_numpy()
+    assert not lr_find.is_conclusive(isic, smoothed_isic)
 
 
 def test_full_batch_range_test_is_conclusive():

@@ -75,14 +75,15 @@ def is_conclusive(losses, smoothed):
 
     The noise is the standard deviation of the raw batch losses over the first
     third of the test, where the rate is too small to change the model; the
-    fall is the first smoothed value minus the lowest. A fall within the noise
-    means the range test found no rate that clearly lowers the loss.
+    fall is their mean minus the lowest smoothed value (not the first smoothed
+    value, which is one noisy batch). A fall within the noise means the range
+    test found no rate that clearly lowers the loss.
     """
     losses, smoothed = np.asarray(losses, float), np.asarray(smoothed, float)
     if len(losses) < 6:
         return False
-    noise = float(np.std(losses[: len(losses) // 3]))
-    return float(smoothed[0] - smoothed.min()) > noise
+    start = losses[: len(losses) // 3]
+    return float(np.mean(start) - smoothed.min()) > float(np.std(start))
 
 
 def lr_range_test(model, dataset, *, min_lr=1e-7, max_lr=10.0, steps=100, beta=0.98,
