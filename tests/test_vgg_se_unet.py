@@ -170,7 +170,7 @@ def test_freeze_encoder_rejects_bad_settings(tmp_path):
     for args, message in (
         (["--method", "segan"], "`segan` has none"),
         (["--method", "meta", "--model", "vgg19se"], "not supported by `method = 'meta'`"),
-        (["--model", "nope"], "Unknown model `nope`"),
+        (["--model", "nope"], "`--model nope` is not a segmentation model"),
     ):
         out = tmp_path / "r"
         res = CliRunner().invoke(
