@@ -221,8 +221,7 @@ def fit(config_file, resume, kfold, **flags):
     try:
         if kfold:
             result = run.fit_folds(cfg, kfold, log=click.echo)
-        elif resume and run.fold_count(resume):
-            kfold = run.fold_count(resume)
+        elif resume and (kfold := run.fold_count(resume)):
             result = run.fit_folds(cfg, resume_dir=resume, log=click.echo)
         else:
             result = run.fit(cfg, resume_dir=resume, log=click.echo)

@@ -1,4 +1,4 @@
-"""`--strategy` name -> `tf.distribute` strategy, and the mixed-precision policy."""
+"""`--strategy` name -> `tf.distribute` strategy, replica counts, and the mixed-precision policy."""
 
 import json
 import os
@@ -47,6 +47,27 @@ def resolve_strategy(name="auto"):
             "(cluster spec and this worker's task)"
         )
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def replicas_in_sync():
+    """Replicas of the current distribution strategy (1 outside one).
+
+    Custom train steps divide their loss by it, so that the gradients summed
+    over replicas are those of the global batch.
+    """
+    ctx = tf.distribute.get_replica_context()
+    return ctx.num_replicas_in_sync if ctx is not None else 1
+
+
+def check_batch_size(batch_size, strategy):
+    """Returns the strategy's replica count; `batch_size` must split evenly across them."""
+    replicas = strategy.num_replicas_in_sync
+    if batch_size % replicas:
+        raise ConfigError(
+            f"`train.batch_size` ({batch_size}) must be a multiple of the "
+            f"{replicas} replicas of the distribution strategy"
+        )
+    return replicas
 
 
 def _tf_config_workers():

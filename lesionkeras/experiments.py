@@ -37,7 +37,7 @@ TABLE_METHODS = ("finetune", "meta")
 CURVE_METHODS = ("finetune", "image-reweight", "meta")
 
 
-def _run_cell(cfg, run_dir: Path, log):
+def run_cell(cfg, run_dir: Path, log):
     """Trains (or resumes, or reads) one run; returns its `metrics.json` dict."""
     from lesionkeras.trainers import run
 
@@ -85,14 +85,14 @@ def noise_table(base_cfg, out, *, levels=noise.LEVELS, clean_count=100, log=prin
     out = Path(out)
     sup = base_cfg.override({"method": "baseline", "meta.simulate_noise": ""})
     rows = [{"noise": "none (supervised)",
-             "supervised": _run_cell(sup, out / "supervised", log)["dice"]}]
+             "supervised": run_cell(sup, out / "supervised", log)["dice"]}]
     for level in levels:
         row = {"noise": level}
         for method in TABLE_METHODS:
             cfg = base_cfg.override({
                 "method": method, "meta.simulate_noise": level, "meta.clean_count": clean_count,
             })
-            row[method] = _run_cell(cfg, out / level / method, log)["dice"]
+            row[method] = run_cell(cfg, out / level / method, log)["dice"]
         row["noisy"] = noise_stage_dice(out / level / "finetune", base_cfg.train.epochs)
         rows.append(row)
         _write(_table_frame(rows), out, "noise_table", _plot_table)  # partial results on disk
@@ -126,7 +126,7 @@ def clean_size_curve(base_cfg, out, *, sizes=(10, 25, 50, 100), level="3-vertex"
             cfg = base_cfg.override({
                 "method": method, "meta.simulate_noise": level, "meta.clean_count": int(size),
             })
-            row[method] = _run_cell(cfg, out / f"clean{size}" / method, log)["dice"]
+            row[method] = run_cell(cfg, out / f"clean{size}" / method, log)["dice"]
         rows.append(row)
         _write(pd.DataFrame(rows), out, "clean_size_curve", _plot_curve)
     return pd.DataFrame(rows)

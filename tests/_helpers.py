@@ -71,3 +71,25 @@ def tiny_classify_config(tmp_path, extra=""):
         "crop = 32\nreferences_per_class = 3\n" + extra
     )
     return str(path)
+
+
+def untrained_run(run, *, size, seed, overrides, out_channels=1):
+    """A run directory holding an untrained U-Net (8 filters, depth 2) and a config.
+
+    Enough for `evaluate`/`predict`/`export` tests: `size` px inputs, the given
+    config `overrides` (plus `data.image_size`), normalisation statistics of
+    ordinary photographs.
+    """
+    from lesionkeras import config as config_lib
+    from lesionkeras.models import registry
+
+    run.mkdir(parents=True)
+    keras.utils.set_random_seed(seed)
+    registry.build("unet", input_shape=(size, size, 3), out_channels=out_channels, filters=8,
+                   depth=2).save(run / "model.keras")
+    config_lib.load_config(overrides={
+        "data.image_size": size, "data.mean": [120.0, 110.0, 100.0],
+        "data.std": [50.0, 45.0, 40.0], **overrides,
+    }).save(run / "config.toml")
+    keras.backend.clear_session()
+    return run

@@ -85,9 +85,9 @@ def test_noise_table_resumes_an_interrupted_run(tmp_path, monkeypatch):
         return real_fit(cfg, **kw)
 
     monkeypatch.setattr(run, "fit", fit)
-    first = experiments._run_cell(cfg, tmp_path / "cell", print)
+    first = experiments.run_cell(cfg, tmp_path / "cell", print)
     (tmp_path / "cell" / "metrics.json").unlink()  # as if stopped before the end
-    second = experiments._run_cell(cfg, tmp_path / "cell", print)
+    second = experiments.run_cell(cfg, tmp_path / "cell", print)
     assert calls == [None, tmp_path / "cell"]
     assert second["epochs"] == first["epochs"] == 2
 

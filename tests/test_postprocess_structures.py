@@ -4,18 +4,17 @@ import json
 import re
 import types
 
-import keras
 import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from _helpers import untrained_run
 from lesionkeras import config as config_lib
 from lesionkeras import inference, metrics, postprocess
 from lesionkeras.cli import main
 from lesionkeras.data import sources, synthetic
-from lesionkeras.models import registry
 
 SIZE = 32
 NAMES = ("lesion", "globules")
@@ -28,18 +27,10 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def smile_run(tmp_path_factory):
     """An untrained two-structure SMILE U-Net and its run config."""
-    run = tmp_path_factory.mktemp("smile") / "run"
-    run.mkdir()
-    keras.utils.set_random_seed(4)
-    registry.build("unet", input_shape=(SIZE, SIZE, 3), out_channels=len(NAMES), filters=8,
-                   depth=2).save(run / "model.keras")
-    config_lib.load_config(overrides={
-        "method": "smile", "data.image_size": SIZE, "smile.structures": ",".join(NAMES),
-        "data.mean": [120.0, 110.0, 100.0], "data.std": [50.0, 45.0, 40.0],
-        "postprocess.min_component_fraction": 0.01,
-    }).save(run / "config.toml")
-    keras.backend.clear_session()
-    return run
+    return untrained_run(
+        tmp_path_factory.mktemp("smile") / "run", size=SIZE, seed=4, out_channels=len(NAMES),
+        overrides={"method": "smile", "smile.structures": ",".join(NAMES),
+                   "postprocess.min_component_fraction": 0.01})
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import json
 import re
 
-import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,10 +10,9 @@ from click.testing import CliRunner
 from PIL import Image
 from scipy import ndimage
 
-from lesionkeras import config as config_lib
+from _helpers import untrained_run
 from lesionkeras import export, inference, postprocess
 from lesionkeras.cli import main
-from lesionkeras.models import registry
 
 SIZE = 32
 
@@ -25,17 +23,8 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("rep") / "run"
-    run.mkdir()
-    keras.utils.set_random_seed(2)
-    registry.build("unet", input_shape=(SIZE, SIZE, 3), filters=8, depth=2).save(
-        run / "model.keras")
-    config_lib.load_config(overrides={
-        "data.image_size": SIZE, "data.mean": [120.0, 110.0, 100.0],
-        "data.std": [50.0, 45.0, 40.0], "train.threshold": 0.5,
-        "postprocess.min_component_fraction": 0.01,
-    }).save(run / "config.toml")
-    return run
+    return untrained_run(tmp_path_factory.mktemp("rep") / "run", size=SIZE, seed=2, overrides={
+        "train.threshold": 0.5, "postprocess.min_component_fraction": 0.01})
 
 
 @pytest.fixture(scope="module")

@@ -79,10 +79,10 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()):
     `resume_dir` continues an interrupted (or finished) run from its last
     finished epoch up to `cfg.train.epochs`; `cfg.train.strategy` distributes it.
     """
-    from lesionkeras.classify.runner import (check_batch_size, check_model_name,
-                                             make_optimizer, run_dir_for, training_callbacks)
+    from lesionkeras import distribute
+    from lesionkeras.classify.runner import (check_model_name, make_optimizer, run_dir_for,
+                                             training_callbacks)
     from lesionkeras.data import missing, pipeline
-    from lesionkeras.distribute import resolve_strategy
     from lesionkeras.models import registry
     from lesionkeras.trainers.multitask import MultitaskTrainer
     from lesionkeras.trainers.run import FitResult, _history_len
@@ -93,11 +93,11 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()):
         raise ConfigError(f"`data.image_size`/`data.crop_size` ({size}) must be a multiple of "
                           f"{SIZE_MULTIPLE} for the VGG19 features")
     # First, before any TensorFlow op (MultiWorkerMirroredStrategy configures the runtime).
-    strategy = resolve_strategy(cfg.train.strategy)
+    strategy = distribute.resolve_strategy(cfg.train.strategy)
     run_dir = run_dir_for(cfg, resume_dir)
     cfg = cfg.override({"out": str(run_dir), "data.mean": list(pipeline.IMAGENET_MEAN),
                         "data.std": list(pipeline.IMAGENET_STD)})
-    replicas = check_batch_size(cfg, strategy)
+    replicas = distribute.check_batch_size(cfg.train.batch_size, strategy)
     keras.utils.set_random_seed(cfg.seed)
     df = _manifest(cfg)
     df = pipeline.assign_splits(df, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
@@ -114,12 +114,9 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()):
     train_ds = _datasets(cfg, train_df, True)
     val_ds = None
     if len(val_df):
-        val_batch = pipeline.eval_batch_size(len(val_df), cfg.train.batch_size, replicas)
-        if val_batch is None:
-            keep = len(val_df) - len(val_df) % replicas
-            log(f"warning: validating on {keep} of {len(val_df)} images so that "
-                f"{replicas} replicas get equal batches")
-            val_df, val_batch = val_df.iloc[:keep].reset_index(drop=True), replicas
+        keep, val_batch = pipeline.validation_batches(
+            len(val_df), cfg.train.batch_size, replicas, log)
+        val_df = val_df.iloc[:keep].reset_index(drop=True)
         val_ds = _datasets(cfg, val_df, False, val_batch)
     m = cfg.model
     with strategy.scope():

@@ -134,15 +134,6 @@ def training_callbacks(run_dir, monitor, *, before=(), after=()):
     ]
 
 
-def check_batch_size(cfg, strategy):
-    """`train.batch_size` must split evenly across the strategy's replicas."""
-    replicas = strategy.num_replicas_in_sync
-    if cfg.train.batch_size % replicas:
-        raise ConfigError(f"`train.batch_size` ({cfg.train.batch_size}) must be a multiple of "
-                          f"the {replicas} replicas of the distribution strategy")
-    return replicas
-
-
 def check_model_name(cfg, expected):
     """`model.name` is empty or the task's registered network `expected`."""
     if cfg.model.name not in ("", expected):
@@ -187,7 +178,8 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()):
     """
     import tensorflow as tf
 
-    from lesionkeras.distribute import resolve_strategy
+    from lesionkeras import distribute
+    from lesionkeras.data import pipeline
     from lesionkeras.models import registry
     from lesionkeras.trainers.run import FitResult, _history_len
     from lesionkeras.trainers.triplet import (RegenerateTriplets, TripletEpochs, TripletTable,
@@ -195,10 +187,10 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()):
 
     check_model_name(cfg, "resnet_classifier")
     # First, before any TensorFlow op (MultiWorkerMirroredStrategy configures the runtime).
-    strategy = resolve_strategy(cfg.train.strategy)
+    strategy = distribute.resolve_strategy(cfg.train.strategy)
     run_dir = run_dir_for(cfg, resume_dir)
     cfg = cfg.override({"out": str(run_dir)})
-    replicas = check_batch_size(cfg, strategy)
+    replicas = distribute.check_batch_size(cfg.train.batch_size, strategy)
     keras.utils.set_random_seed(cfg.seed)
     c = cfg.classify
     df, classes = load_data(cfg)
@@ -220,14 +212,9 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()):
     steps = int(train_ds.cardinality())
     val_ds = None
     if len(val_df):
-        from lesionkeras.data.pipeline import eval_batch_size
-
-        val_batch = eval_batch_size(len(val_df), cfg.train.batch_size, replicas)
-        if val_batch is None:
-            keep = len(val_df) - len(val_df) % replicas
-            log(f"warning: validating on {keep} of {len(val_df)} images so that "
-                f"{replicas} replicas get equal batches")
-            val_df, val_batch = val_df.iloc[:keep].reset_index(drop=True), replicas
+        keep, val_batch = pipeline.validation_batches(
+            len(val_df), cfg.train.batch_size, replicas, log)
+        val_df = val_df.iloc[:keep].reset_index(drop=True)
         val_ds = _dataset(cfg, val_df, training=False, batch_size=val_batch)
     offline = cfg.method == "triplet" and c.regenerate_every > 0
     before = []

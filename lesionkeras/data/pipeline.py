@@ -208,6 +208,22 @@ def eval_batch_size(n: int, batch_size: int, replicas: int = 1):
     return None
 
 
+def validation_batches(n: int, batch_size: int, replicas: int = 1, log=print):
+    """(images kept, batch size) to evaluate `n` validation images on `replicas` replicas.
+
+    All `n` images at `eval_batch_size` when it finds a size; otherwise (tiny
+    odd sets) the first multiple of `replicas` images, one per replica, with a
+    warning through `log`.
+    """
+    batch = eval_batch_size(n, batch_size, replicas)
+    if batch is not None:
+        return n, batch
+    keep = n - n % replicas
+    log(f"warning: validating on {keep} of {n} images so that {replicas} replicas get "
+        "equal batches")
+    return keep, replicas
+
+
 def _random_crop(image, mask, size, seed):
     both = tf.concat([image, mask], axis=-1)
     both = tf.image.random_crop(both, (size, size, 4), seed=seed)

@@ -56,7 +56,7 @@ def missing_table(out, *, alphas=(0.0, 0.5, 0.7), methods=METHODS, config=None,
     Raises:
         ConfigError: a bad method or alpha.
     """
-    from lesionkeras.experiments import _run_cell
+    from lesionkeras.experiments import run_cell
 
     out = Path(out)
     bad = [m for m in methods if m not in METHODS]
@@ -85,7 +85,7 @@ def missing_table(out, *, alphas=(0.0, 0.5, 0.7), methods=METHODS, config=None,
             if method == "smiler" and "smile" in methods and not run_dir.exists():
                 _warm_start(smile_dir, run_dir, cfg)
             log(f"{method}, alpha {alpha:g}")
-            metrics = _run_cell(cfg, run_dir, log)
+            metrics = run_cell(cfg, run_dir, log)
             row = {"method": method, "alpha": float(alpha)}
             row.update({f"dice_{s}": metrics.get(f"dice_{s}", float("nan")) for s in names})
             row["mean_dice"] = metrics.get("dice", float("nan"))

@@ -19,7 +19,7 @@ import tensorflow as tf
 from keras import ops
 
 from lesionkeras.classify.metrics import PooledJaccard
-from lesionkeras.trainers.triplet import replicas
+from lesionkeras.distribute import replicas_in_sync
 
 
 def multilabel_soft_margin(labels, logits, weights=None):
@@ -95,7 +95,7 @@ class MultitaskTrainer(keras.Model):
     def train_step(self, data):
         with tf.GradientTape() as tape:
             out, masks, weights, loss, mask_loss, presence_loss = self._forward(data, True)
-            scaled = loss / replicas()
+            scaled = loss / replicas_in_sync()
         variables = self.network.trainable_variables
         self.optimizer.apply(tape.gradient(scaled, variables), variables)
         return self._update(masks, weights, out, loss, mask_loss, presence_loss)

@@ -16,18 +16,17 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import shutil
 from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
 from lesionkeras import config as config_lib
 from lesionkeras import schedules
 from lesionkeras.callbacks import ImageGrid, LearningRateLogger, StopOnNaN
 from lesionkeras.data import check, pipeline, sources
+from lesionkeras import distribute
 from lesionkeras.distribute import resolve_strategy, set_precision
 from lesionkeras.errors import ConfigError, DataError, TrainingError  # noqa: F401 (re-exported)
 from lesionkeras.trainers import baseline, finetune, meta
@@ -229,21 +228,13 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
             train_dec, batch_size=cfg.train.batch_size, mean=mean, std=std, training=True,
             augment=cfg.augment, crop_size=crop, seed=cfg.seed,
         )
-    replicas = strategy.num_replicas_in_sync
-    if cfg.train.batch_size % replicas:
-        raise ConfigError(
-            f"`train.batch_size` ({cfg.train.batch_size}) must be a multiple of the "
-            f"{replicas} replicas of the distribution strategy"
-        )
+    replicas = distribute.check_batch_size(cfg.train.batch_size, strategy)
     val_ds = None
     if val_dec is not None:
-        val_batch = pipeline.eval_batch_size(len(val_df), cfg.train.batch_size, replicas)
-        if val_batch is None:
-            # Tiny odd validation sets cannot be split evenly across replicas.
-            keep = len(val_df) - len(val_df) % replicas
-            log(f"warning: validating on {keep} of {len(val_df)} images so that "
-                f"{replicas} replicas get equal batches")
-            val_dec, val_batch = val_dec.take(keep), replicas
+        keep, val_batch = pipeline.validation_batches(
+            len(val_df), cfg.train.batch_size, replicas, log)
+        if keep < len(val_df):
+            val_dec = val_dec.take(keep)
         if hasattr(trainer, "val_dataset"):
             val_ds = trainer.val_dataset(cfg, val_df, mean, std, val_batch)
         else:

@@ -37,14 +37,10 @@ import tensorflow as tf
 from lesionkeras import losses as losses_lib
 from lesionkeras import metrics as metrics_lib
 from lesionkeras.callbacks import AnnealLogisticK
+from lesionkeras.distribute import replicas_in_sync
 from lesionkeras.errors import ConfigError
 from lesionkeras.models.critic import build_critic
 from lesionkeras.trainers import baseline
-
-
-def _replicas():
-    ctx = tf.distribute.get_replica_context()
-    return ctx.num_replicas_in_sync if ctx is not None else 1
 
 
 def clamp_variables(variables, clip):
@@ -226,7 +222,7 @@ class SegANTrainer(keras.Model):
         probs = tf.stop_gradient(probs)
         with tf.GradientTape() as tape:
             loss = self.multiscale_loss(x, probs, y, training=True)
-            objective = -loss / _replicas()
+            objective = -loss / replicas_in_sync()
         grads = tape.gradient(objective, variables)
         self.critic_optimizer.apply(grads, variables)
         clamp_variables(variables, self.clip)
@@ -253,7 +249,7 @@ class SegANTrainer(keras.Model):
             if self.hard_mining_weight:
                 hard = losses_lib.hard_mining_dice_loss(y, probs, self.hard_mining_count)
                 total = total + self.hard_mining_weight * hard
-            scaled = total / _replicas()
+            scaled = total / replicas_in_sync()
         grads = tape.gradient(scaled, seg_vars)
         self.optimizer.apply(grads, seg_vars)
 

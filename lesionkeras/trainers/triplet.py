@@ -35,15 +35,10 @@ import tensorflow as tf
 from keras import ops
 
 from lesionkeras.classify.metrics import BalancedAccuracy
+from lesionkeras.distribute import replicas_in_sync
 from lesionkeras.classify.triplet import offline_triplet_loss, regenerate_triplets, triplet_loss
 
 MODES = ("alternate_batch", "alternate_epoch", "joint")
-
-
-def replicas():
-    """Replicas of the current distribution strategy (1 outside one)."""
-    ctx = tf.distribute.get_replica_context()
-    return ctx.num_replicas_in_sync if ctx is not None else 1
 
 
 class TripletTrainer(keras.Model):
@@ -143,7 +138,7 @@ class TripletTrainer(keras.Model):
             else:
                 share = self.triplet_share()
                 loss = share * self.triplet_weight * trip + (1.0 - share) * ce
-            scaled = loss / replicas()
+            scaled = loss / replicas_in_sync()
         variables = self.network.trainable_variables
         grads = tape.gradient(scaled, variables)
         self.optimizer.apply(grads, variables)
