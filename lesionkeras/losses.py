@@ -38,8 +38,12 @@ _PACKAGE = "lesionkeras"
 
 
 def _prepare(y_true, y_pred, what):
-    y_true = as_float32(y_true)
-    y_pred = as_float32(y_pred)
+    y_pred = ops.convert_to_tensor(y_pred)
+    if keras.backend.standardize_dtype(y_pred.dtype) == "float64":
+        # Kept: float64 models are the numerical references of the tests.
+        y_true = ops.cast(y_true, "float64")
+    else:
+        y_true, y_pred = as_float32(y_true), as_float32(y_pred)
     check_shapes(y_true, y_pred, what)
     return y_true, y_pred
 
@@ -68,8 +72,8 @@ def _overlap_sums(y_true, probs):
 def binary_crossentropy_with_logits(y_true, logits):
     """Per-image mean sigmoid cross-entropy, computed from logits.
 
-    Uses `max(x, 0) - x * z + log1p(exp(-|x|))`, which never exponentiates a
-    positive number, so logits of any magnitude give finite values.
+    The mean of `pixel_binary_crossentropy`: finite for logits of any
+    magnitude, with the exact gradient `sigmoid(x) - z` everywhere.
 
     Args:
         y_true: Target masks, shape `(B, H, W, K)`, values in [0, 1] (soft
@@ -88,8 +92,7 @@ def binary_crossentropy_with_logits(y_true, logits):
         binary_crossentropy_with_logits(z, x)  # [log 2] = [0.6931]
     """
     z, x = _prepare(y_true, logits, "binary_crossentropy_with_logits")
-    per_pixel = ops.relu(x) - x * z + ops.log1p(ops.exp(-ops.abs(x)))
-    return ops.mean(per_pixel, axis=(1, 2, 3))
+    return ops.mean(sigmoid_cross_entropy(z, x), axis=(1, 2, 3))
 
 
 def soft_dice_loss(y_true, probs, smooth=1.0):
@@ -433,12 +436,27 @@ def get_loss(name):
 
 
 def pixel_binary_crossentropy(y_true, logits):
-    """Per-pixel, per-structure sigmoid cross-entropy from logits, `(B, H, W, K)`.
+    """Per-pixel, per-structure sigmoid cross-entropy from logits, `(B, H, W, K)`, float32.
 
-    The same stable form as `binary_crossentropy_with_logits`, not averaged.
+    The one binary cross-entropy of the package (the losses, the meta-
+    reweighting and the multitask trainers all call it). Finite for logits of
+    any magnitude, with the exact gradient `sigmoid(x) - z`, also at `x = 0`.
     """
     z, x = _prepare(y_true, logits, "pixel_binary_crossentropy")
-    return ops.relu(x) - x * z + ops.log1p(ops.exp(-ops.abs(x)))
+    return sigmoid_cross_entropy(z, x)
+
+
+def sigmoid_cross_entropy(y_true, logits):
+    """Element-wise sigmoid cross-entropy from logits, any shape, float32 (float64 kept).
+
+    TensorFlow's `sigmoid_cross_entropy_with_logits` (Keras' from-logits BCE, no
+    reduction): `max(x, 0) - x z + log1p(exp(-|x|))` written with `where(x >= 0)`,
+    which keeps the gradient `sigmoid(x) - z` exact at x = 0 (a `relu`/`abs` form
+    gives `-z` there).
+    """
+    x = ops.convert_to_tensor(logits)
+    dtype = "float64" if keras.backend.standardize_dtype(x.dtype) == "float64" else "float32"
+    return ops.binary_crossentropy(ops.cast(y_true, dtype), ops.cast(x, dtype), from_logits=True)
 
 
 def smile_loss(y_true, logits, weights):

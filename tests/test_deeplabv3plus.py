@@ -52,4 +52,35 @@ def test_cli_supervised_fit_and_reload(tmp_path):
     res = CliRunner().invoke(main, [
         "fit", "--model", "deeplabv3plus", "--image-size", "48", "--out", str(tmp_path / "bad"),
     ])
-    assert res.exit_code == 2 and "divisible by 2**model.depth = 32" in res.output
+    assert res.exit_code == 2 and "must be a multiple of 32 for `deeplabv3plus`" in res.output
+
+
+@pytest.mark.parametrize(
+    "output_stride, rates, dilations",
+    [(32, (6, 12, 18), set()), (16, (6, 12, 18), {2}), (8, (12, 24, 36), {2, 4})],
+)
+def test_output_stride_dilates_the_last_stages(output_stride, rates, dilations):
+    import tensorflow as tf
+
+    from lesionkeras.models.deeplab import build_resnet_deeplab
+
+    model = build_resnet_deeplab((64, 64, 3), out_channels=2, filters=8, dropout=0.0,
+                                 output_stride=output_stride)
+    enc = model.get_layer("encoder")
+    assert enc.output["P5"].shape[1:3] == (64 // output_stride,) * 2
+    assert model.output_shape == (None, 64, 64, 2)
+    # Same weights whatever the stride: a pretrained encoder loads into any of them.
+    assert model.count_params() == 11_307_731
+    aspp = sorted(layer.dilation_rate[0] for layer in model.layers
+                  if layer.name.startswith("aspp_rate") and isinstance(layer, keras.layers.Conv2D))
+    assert tuple(aspp) == rates
+    convs = [layer for layer in enc.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert {c.dilation_rate[0] for c in convs} - {1} == dilations
+    if dilations:
+        # The dilation is what the layer computes: compare with a direct atrous convolution.
+        conv = enc.get_layer("stack3_block1_1_conv")
+        rate = conv.dilation_rate[0]
+        x = tf.random.stateless_normal((1, 64 // output_stride, 64 // output_stride,
+                                        conv.kernel.shape[2]), seed=(1, 2))
+        expected = tf.nn.conv2d(x, conv.kernel, 1, "SAME", dilations=rate)
+        np.testing.assert_allclose(conv(x), expected, atol=1e-4)

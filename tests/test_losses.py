@@ -69,6 +69,42 @@ def test_bce_stable_for_huge_logits():
     np.testing.assert_allclose(right, [0.0], atol=1e-6)
 
 
+# (label z, logit x, loss, d loss / dx): hand-derived from softplus(x) - x z, whose
+# derivative is sigmoid(x) - z; 0.5 - z at x = 0 (a relu/abs form gives -z there).
+BCE_VALUE_AND_GRADIENT = [
+    (0.0, 0.0, math.log(2.0), 0.5),
+    (1.0, 0.0, math.log(2.0), -0.5),
+    (0.3, 0.0, math.log(2.0), 0.2),
+    (1.0, 80.0, 0.0, 0.0),
+    (0.0, 80.0, 80.0, 1.0),
+    (1.0, -80.0, 80.0, -1.0),
+    (0.0, -80.0, 0.0, 0.0),
+    (0.0, 1e4, 1e4, 1.0),
+    (1.0, -1e4, 1e4, -1.0),
+]
+
+
+@pytest.mark.parametrize("z, x, value, grad", BCE_VALUE_AND_GRADIENT)
+def test_pixel_bce_value_and_gradient(z, x, value, grad):
+    logits = tf.constant([[[[x]]]], tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        loss = L.pixel_binary_crossentropy(tf.constant([[[[z]]]]), logits)
+    assert float(loss[0, 0, 0, 0]) == pytest.approx(value, rel=1e-6, abs=1e-30)
+    assert float(tape.gradient(loss, logits)[0, 0, 0, 0]) == pytest.approx(grad, abs=1e-7)
+
+
+def test_one_bce_for_the_package():
+    """Meta-reweighting and the multitask trainer use the losses module's BCE."""
+    from lesionkeras.methods import reweight as meta, multitask
+
+    assert meta.pixel_bce is L.pixel_binary_crossentropy
+    z = tf.constant([[[[1.0], [0.0]]]])
+    x = tf.constant([[[[0.0], [2.0]]]])
+    got = multitask.weighted_pixel_bce(z, x, tf.ones_like(z))
+    assert float(got) == pytest.approx((math.log(2.0) + softplus(2.0)) / 2, rel=1e-6)
+
+
 def test_bce_matches_keras_builtin():
     rng = np.random.default_rng(0)
     z = (rng.random((3, 5, 5, 2)) > 0.5).astype("float32")

@@ -11,7 +11,7 @@ from lesionkeras.models.resnet_unet import (
     make_backbone,
     make_encoder,
 )
-from lesionkeras.trainers import baseline
+from lesionkeras.training import segmentation
 
 
 @pytest.mark.parametrize("size", [32, 64, 96])
@@ -91,9 +91,9 @@ def test_bad_arguments():
 
 def test_model_options_match_each_builder():
     cfg = config_lib.load_config(None, {"model.name": "resnet18_unet", "model.filters": 4})
-    opts = baseline.model_options(cfg.model)
+    opts = segmentation.model_options(cfg.model)
     assert "depth" not in opts and opts["filters"] == 4 and "encoder_weights" in opts
-    unet_opts = baseline.model_options(config_lib.Config().model)
+    unet_opts = segmentation.model_options(config_lib.Config().model)
     assert "encoder_weights" not in unet_opts and "depth" in unet_opts
-    model = baseline.build_model(cfg)
+    model = segmentation.build_model(cfg)
     assert model.name == "resnet18_unet"

@@ -16,8 +16,8 @@ from lesionkeras.models.segan import AdaptiveLogistic
 from lesionkeras.models.vgg_se_unet import (
     apply_se_block, build_vgg_se_unet, make_backbone, vgg19_filters,
 )
-from lesionkeras.trainers.segan import SegANTrainer
-from lesionkeras.trainers.stages import FreezeEncoder
+from lesionkeras.methods.segan import SegANTrainer
+from lesionkeras.training.stages import FreezeEncoder
 
 
 def _vgg_encoder_params(w):

@@ -1,0 +1,1 @@
+"""Network builders, one per module, registered with their capabilities in `registry`."""

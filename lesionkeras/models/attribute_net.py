@@ -18,7 +18,7 @@ from lesionkeras.models.vgg_se_unet import build_vgg_se_unet
 NUM_ATTRIBUTES = 5
 
 
-@register("attribute_net", task="attributes")
+@register("attribute_net", task="attributes", size_multiple=32, encoder=True)
 def build_attribute_net(input_shape=(None, None, 3), num_attributes=NUM_ATTRIBUTES,
                         encoder_filters=64, filters=16, batch_norm=True, encoder_weights=None):
     """VGG19-SE U-Net -> `{"masks": (B, H, W, A) logits, "presence": (B, A) logits}`.

@@ -4,6 +4,8 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+from lesionkeras.models.layers import BilinearUpSampling2D
+
 
 @keras.saving.register_keras_serializable(package="lesionkeras")
 class FusedBatchNormalization(layers.BatchNormalization):
@@ -27,6 +29,11 @@ class FusedBatchNormalization(layers.BatchNormalization):
             and self.center
             and len(inputs.shape) == 4
             and self.axis in (-1, 3)
+            # The fused kernel has no float64 version (float64 models serve as
+            # numerical references in the tests).
+            and self.compute_dtype != "float64"
+            # Meta-learning needs exact second derivatives (`make_second_order_exact`).
+            and not getattr(self, "second_order_exact", False)
         )
 
     def call(self, inputs, training=None, mask=None):
@@ -57,6 +64,33 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return tf.cast(y, self.compute_dtype)
 
 
+def make_second_order_exact(model):
+    """Makes the batch norm of `model` exact under second derivatives (meta-learning).
+
+    The derivative of TensorFlow's fused batch-norm gradient kernel
+    (`FusedBatchNormGradV3`) disagrees with finite differences where a channel
+    is degenerate: on a tiny U-Net with zero biases and two images, whose dead
+    channels have zero batch variance, its meta-gradient is off by 4.7 % while
+    Keras' batch norm (plain ops) matches to 1e-6 (`tests/test_meta_reference.py`).
+    This turns off the fused path of every `FusedBatchNormalization` of `model`
+    (nested models too), so they run Keras' batch norm. The switch lives on the
+    layer objects (it is not saved) and changes no forward value; Keras' own
+    `BatchNormalization` layers need nothing.
+
+    Returns:
+        int: how many layers were switched.
+    """
+    count = 0
+    stack = list(model.layers)
+    while stack:
+        layer = stack.pop()
+        if isinstance(layer, FusedBatchNormalization):
+            layer.second_order_exact = True
+            count += 1
+        stack.extend(getattr(layer, "layers", ()))
+    return count
+
+
 def apply_conv_block(x, filters, *, batch_norm=True, name="block"):
     """Two 3x3 convolutions, each followed by optional batch norm and ReLU."""
     for i in (1, 2):
@@ -76,12 +110,15 @@ def apply_conv_block(x, filters, *, batch_norm=True, name="block"):
 
 
 def apply_upsample(x, filters, *, mode="bilinear", name="up"):
-    """Doubles the spatial size: bilinear resize + 1x1 conv, or a transposed conv."""
+    """Doubles the spatial size: bilinear resize + 1x1 conv, or a transposed conv.
+
+    The resize is `BilinearUpSampling2D`, exact under second derivatives (meta-learning).
+    """
     if mode == "transpose":
         return layers.Conv2DTranspose(
             filters, 2, strides=2, padding="same", name=f"{name}_tconv"
         )(x)
-    x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_resize")(x)
+    x = BilinearUpSampling2D(2, name=f"{name}_resize")(x)
     return layers.Conv2D(filters, 1, padding="same", name=f"{name}_proj")(x)
 
 

@@ -1,24 +1,26 @@
 """ResNet-DeepLabV3+ with K sigmoid heads and an MC-dropout layer (SMILE's network).
 
 The encoder is the keras-hub `ResNetBackbone` wrapped as a pyramid-feature
-model (`resnet_unet.make_encoder`, never downloaded). On its stride-32 output
-an atrous spatial pyramid pooling (ASPP) block (Chen et al. 2017) runs
-parallel 1x1 and dilated 3x3 convolutions plus image pooling; the DeepLabV3+
+model (`resnet_unet.make_encoder`, never downloaded), at output stride 16 by
+default (its last stage unstrided and dilated by 2; 8 dilates the last two). On
+its output an atrous spatial pyramid pooling (ASPP) block (Chen et al. 2017)
+runs parallel 1x1 and dilated 3x3 convolutions plus image pooling; the DeepLabV3+
 decoder (Chen et al. 2018) up-samples it to stride 4, concatenates the
 projected stride-4 features, refines with two 3x3 convolutions, and a 1x1
 convolution gives K logits, one independent binary classifier per structure
 (Petit, Thome et al. 2018), bilinearly up-sampled to the input size.
 
 An `MCDropout` layer sits before the head: ordinary dropout while training,
-and at inference only when switched on (`mc_dropout_predict`), for
-Monte-Carlo uncertainty (Gal & Ghahramani 2016).
+and at inference only when switched on (the Monte-Carlo loop of
+`inference.predictor`), for Monte-Carlo uncertainty (Gal & Ghahramani 2016).
 """
 
 import keras
-import numpy as np
 from keras import layers, ops
 
 from lesionkeras.models.blocks import apply_conv_block, check_builder_args
+# ResizeLike lived here before it moved to layers.py; kept importable from here.
+from lesionkeras.models.layers import BilinearUpSampling2D, ResizeLike  # noqa: F401
 from lesionkeras.models.registry import register
 from lesionkeras.models.resnet_unet import ENCODERS, SIZE_MULTIPLE, load_backbone, make_encoder
 
@@ -30,7 +32,7 @@ class MCDropout(layers.Layer):
     """Dropout that can stay on at inference (Monte-Carlo dropout).
 
     Active when `training=True`, or when its non-trainable `enabled`
-    variable is 1 (set by `mc_dropout_predict`); the identity otherwise. A
+    variable is 1 (set by `inference.predictor`'s MC loop); the identity otherwise. A
     variable rather than a Python flag, so compiled predict functions see it.
 
     Args:
@@ -68,26 +70,6 @@ class MCDropout(layers.Layer):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class ResizeLike(layers.Layer):
-    """Bilinearly resizes its first input to the spatial size of the second.
-
-    Lets the image-pooling branch of ASPP and the decoder work on inputs of
-    any (multiple-of-32) size.
-    """
-
-    def call(self, inputs):
-        x, ref = inputs
-        size = ops.shape(ref)[1:3]
-        import tensorflow as tf
-
-        return ops.cast(tf.image.resize(x, size, method="bilinear"), x.dtype)
-
-    def compute_output_shape(self, input_shapes):
-        x, ref = input_shapes
-        return (x[0], ref[1], ref[2], x[3])
-
-
 def apply_aspp_block(x, filters, rates, *, name="aspp"):
     """ASPP: 1x1 conv, dilated 3x3 convs at `rates`, image pooling; concat; 1x1 conv."""
 
@@ -107,13 +89,43 @@ def apply_aspp_block(x, filters, rates, *, name="aspp"):
     return conv_bn(y, 1, 1, "project")
 
 
+# Output stride -> (stage strides of the ResNet, dilation of each stage, ASPP rates).
+# DeepLabV3(+) (Chen et al. 2017, 2018): the stages past the output stride keep their
+# resolution and dilate their 3x3 convolutions instead; the ASPP rates double when
+# the stride halves.
+OUTPUT_STRIDES = {
+    32: ((1, 2, 2, 2), (1, 1, 1, 1), (6, 12, 18)),
+    16: ((1, 2, 2, 1), (1, 1, 1, 2), (6, 12, 18)),
+    8: ((1, 2, 1, 1), (1, 1, 2, 4), (12, 24, 36)),
+}
+
+
+def dilate_stages(backbone, dilations):
+    """Sets the dilation of the 3x3 convolutions of each ResNet stage (`stack{i}_...`).
+
+    Only for stages of stride 1, whose convolutions pad `same`: the dilated
+    convolutions keep the feature-map sizes, so the built graph stays valid,
+    and the weights are unchanged (a pretrained encoder loads as before).
+    """
+    for i, rate in enumerate(dilations):
+        if rate == 1:
+            continue
+        for layer in backbone.layers:
+            if (layer.name.startswith(f"stack{i}_") and isinstance(layer, layers.Conv2D)
+                    and layer.kernel_size != (1, 1)):
+                if layer.strides != (1, 1) or layer.padding != "same":
+                    raise ValueError(f"Cannot dilate strided layer {layer.name!r}.")
+                layer.dilation_rate = (rate, rate)
+
+
 def build_resnet_deeplab(
     input_shape=(None, None, 3),
     out_channels=1,
     encoder="resnet18",
     encoder_weights=None,
     filters=64,
-    rates=(6, 12, 18),
+    output_stride=16,
+    rates=None,
     dropout=0.1,
     seed=None,
     name=None,
@@ -132,7 +144,10 @@ def build_resnet_deeplab(
             None or "" for random weights (nothing is downloaded). Defaults to None.
         filters: int. Width of ASPP and decoder (the paper's DeepLab: 256).
             Defaults to 64.
-        rates: tuple of int. ASPP dilation rates. Defaults to (6, 12, 18).
+        output_stride: int. 32, 16 or 8: the encoder's total stride; below 32 the
+            last stage(s) are dilated instead of strided. Defaults to 16.
+        rates: tuple of int or None. ASPP dilation rates; None follows the output
+            stride ((6, 12, 18) at 16 and 32, (12, 24, 36) at 8). Defaults to None.
         dropout: float. Rate of the MC-dropout layer before the head. Defaults to 0.1.
         seed: int or None. Seed of the dropout masks. Defaults to None.
         name: str. Model name. Defaults to `f"{encoder}_deeplab"`.
@@ -150,32 +165,41 @@ def build_resnet_deeplab(
         raise ValueError(
             f"`encoder` must be one of {tuple(ENCODERS)}. Received: encoder={encoder!r}"
         )
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(
+            f"`output_stride` must be one of {tuple(OUTPUT_STRIDES)}. "
+            f"Received: output_stride={output_stride}"
+        )
     check_builder_args(input_shape, SIZE_MULTIPLE, dropout, filters=filters, out_channels=out_channels)
     name = name or f"{encoder}_deeplab"
-    enc = make_encoder(load_backbone(encoder, input_shape, encoder_weights))
+    strides, dilations, default_rates = OUTPUT_STRIDES[output_stride]
+    backbone = load_backbone(encoder, input_shape, encoder_weights, strides)
+    dilate_stages(backbone, dilations)
+    enc = make_encoder(backbone)
     inputs = keras.Input(shape=input_shape, name="image")
     features = enc(inputs)
-    x = apply_aspp_block(features["P5"], filters, tuple(rates))
+    x = apply_aspp_block(features["P5"], filters, tuple(rates or default_rates))
     low = layers.Conv2D(max(filters // 4, 8), 1, use_bias=False, name="low_proj_conv")(features["P2"])
     low = layers.BatchNormalization(name="low_proj_bn")(low)
     low = layers.Activation("relu", name="low_proj_relu")(low)
-    x = layers.UpSampling2D(8, interpolation="bilinear", name="decoder_up")(x)
+    x = BilinearUpSampling2D(output_stride // 4, name="decoder_up")(x)
     x = layers.Concatenate(name="decoder_concat")([x, low])
     x = apply_conv_block(x, filters, batch_norm=True, name="decoder")
     x = MCDropout(dropout, seed=seed, name="mc_dropout")(x)
     x = layers.Conv2D(out_channels, 1, dtype="float32", name="head_logits")(x)
-    outputs = layers.UpSampling2D(4, interpolation="bilinear", dtype="float32", name="logits")(x)
+    outputs = BilinearUpSampling2D(4, dtype="float32", name="logits")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
 def _variant(encoder):
     def build(
         input_shape=(None, None, 3), out_channels=1, encoder_weights=None, filters=64,
-        dropout=0.1, name=None,
+        output_stride=16, dropout=0.1, name=None,
     ):
         return build_resnet_deeplab(
             input_shape=input_shape, out_channels=out_channels, encoder=encoder,
-            encoder_weights=encoder_weights, filters=filters, dropout=dropout, name=name,
+            encoder_weights=encoder_weights, filters=filters, output_stride=output_stride,
+            dropout=dropout, name=name,
         )
 
     build.__name__ = f"build_{encoder}_deeplab"
@@ -183,57 +207,15 @@ def _variant(encoder):
     return build
 
 
-build_resnet18_deeplab = register("resnet18_deeplab")(_variant("resnet18"))
-build_resnet34_deeplab = register("resnet34_deeplab")(_variant("resnet34"))
-build_resnet50_deeplab = register("resnet50_deeplab")(_variant("resnet50"))
+build_resnet18_deeplab = register("resnet18_deeplab", size_multiple=32, encoder=True, mc_dropout=True)(_variant("resnet18"))
+build_resnet34_deeplab = register("resnet34_deeplab", size_multiple=32, encoder=True, mc_dropout=True)(_variant("resnet34"))
+build_resnet50_deeplab = register("resnet50_deeplab", size_multiple=32, encoder=True, mc_dropout=True)(_variant("resnet50"))
 
 
-def mc_dropout_layers(model):
-    """Every `MCDropout` layer of `model` (nested models included)."""
-    found = []
-    for layer in model.layers:
-        if isinstance(layer, MCDropout):
-            found.append(layer)
-        elif isinstance(layer, keras.Model):
-            found.extend(mc_dropout_layers(layer))
-    return found
-
-
-def mc_dropout_predict(model, images, samples=10, batch_size=8):
-    """Mean and standard deviation of the sigmoid outputs over `samples` dropout draws.
-
-    Args:
-        model: a model with `MCDropout` layers.
-        images: float32 (B, H, W, C) normalised inputs.
-        samples: int >= 1. Monte-Carlo samples.
-        batch_size: int. Batch size of each prediction.
-
-    Returns:
-        (mean, std), float32 numpy arrays of the model's output shape. The std
-        is 0 when the model has no active dropout.
-    """
-    if samples < 1:
-        raise ValueError(f"`samples` must be >= 1. Received: samples={samples}")
-    mc = mc_dropout_layers(model)
-    for layer in mc:
-        layer.enabled.assign(1.0)
-    try:
-        draws = [
-            1.0 / (1.0 + np.exp(-np.asarray(model.predict(images, batch_size=batch_size, verbose=0),
-                                            dtype=np.float32)))
-            for _ in range(samples)
-        ]
-    finally:
-        for layer in mc:
-            layer.enabled.assign(0.0)
-    stack = np.stack(draws)
-    return stack.mean(axis=0), stack.std(axis=0)
-
-
-@register("deeplabv3plus")
+@register("deeplabv3plus", size_multiple=32, encoder=True, mc_dropout=True)
 def build_deeplabv3plus(
     input_shape=(None, None, 3), out_channels=1, encoder_weights=None, filters=16,
-    dropout=0.0, name="deeplabv3plus",
+    output_stride=16, dropout=0.0, name="deeplabv3plus",
 ):
     """ResNet50-DeepLabV3+ for supervised training (the ISIC 2018 report's ensemble member).
 
@@ -249,6 +231,7 @@ def build_deeplabv3plus(
         encoder_weights: str. Local ResNet50 `.weights.h5` or keras-hub preset
             folder; None or "" for random weights. Defaults to None.
         filters: int. A sixteenth of the ASPP/decoder width. Defaults to 16.
+        output_stride: int. 16 or 8 (dilated encoder), or 32. Defaults to 16.
         dropout: float. Rate of the MC-dropout layer before the head. Defaults to 0.
         name: str. Model name. Defaults to `"deeplabv3plus"`.
 
@@ -263,5 +246,6 @@ def build_deeplabv3plus(
     """
     return build_resnet_deeplab(
         input_shape=input_shape, out_channels=out_channels, encoder="resnet50",
-        encoder_weights=encoder_weights, filters=16 * filters, dropout=dropout, name=name,
+        encoder_weights=encoder_weights, filters=16 * filters, output_stride=output_stride,
+        dropout=dropout, name=name,
     )

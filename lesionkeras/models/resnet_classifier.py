@@ -63,7 +63,7 @@ def make_backbone(name="resnet101", input_shape=(None, None, 3), weights=""):
     return backbone
 
 
-@register("resnet_classifier", task="classify")
+@register("resnet_classifier", task="classify", encoder=True)
 def build_resnet_classifier(input_shape=(None, None, 3), num_classes=7, backbone="resnet101",
                             embedding_dim=256, weights=""):
     """ResNet -> pooling -> embedding -> classifier, as a functional `keras.Model`.

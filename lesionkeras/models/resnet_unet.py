@@ -33,12 +33,13 @@ UPSAMPLING = ("bilinear", "transpose")
 SIZE_MULTIPLE = 32
 
 
-def make_backbone(encoder="resnet34", input_shape=(None, None, 3)):
+def make_backbone(encoder="resnet34", input_shape=(None, None, 3), strides=(1, 2, 2, 2)):
     """Builds a randomly initialised keras-hub `ResNetBackbone` (no download).
 
     Args:
         encoder: str. One of `ENCODERS`. Defaults to `"resnet34"`.
         input_shape: tuple. (H, W, C). Defaults to (None, None, 3).
+        strides: tuple of 4 ints. Stride of each stage. Defaults to (1, 2, 2, 2).
 
     Returns:
         A `keras_hub.models.ResNetBackbone`.
@@ -53,7 +54,7 @@ def make_backbone(encoder="resnet34", input_shape=(None, None, 3)):
         input_conv_filters=[64],
         input_conv_kernel_sizes=[7],
         stackwise_num_filters=[64, 128, 256, 512],
-        stackwise_num_strides=[1, 2, 2, 2],
+        stackwise_num_strides=list(strides),
         image_shape=tuple(input_shape),
         **ENCODERS[encoder],
     )
@@ -79,7 +80,8 @@ def _weights_file(path):
     return path
 
 
-def load_hub_backbone(class_name, input_shape, encoder_weights, make_default, label):
+def load_hub_backbone(class_name, input_shape, encoder_weights, make_default, label,
+                      overrides=None):
     """A keras-hub backbone with weights from a local `.weights.h5` file or preset folder.
 
     A preset folder's `config.json` decides the architecture (so e.g. a
@@ -94,6 +96,8 @@ def load_hub_backbone(class_name, input_shape, encoder_weights, make_default, la
         encoder_weights: str. Local path.
         make_default: callable. () -> the backbone to fill from a bare weights file.
         label: str. Encoder name for error messages.
+        overrides: dict or None. Keys of a preset's config to replace (e.g. the
+            stage strides of a dilated encoder). Defaults to None.
 
     Raises:
         ConfigError: the path is missing, not a weights file, or does not match.
@@ -106,6 +110,7 @@ def load_hub_backbone(class_name, input_shape, encoder_weights, make_default, la
         try:
             config = dict(json.loads(config_json.read_text())["config"])
             config["image_shape"] = tuple(input_shape)
+            config.update(overrides or {})
             backbone = getattr(keras_hub.models, class_name).from_config(config)
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{config_json}: not a {class_name} config ({e})") from None
@@ -122,13 +127,15 @@ def load_hub_backbone(class_name, input_shape, encoder_weights, make_default, la
     return backbone
 
 
-def load_backbone(encoder, input_shape, encoder_weights):
+def load_backbone(encoder, input_shape, encoder_weights, strides=(1, 2, 2, 2)):
     """The ResNet encoder backbone, random or with local weights (`load_hub_backbone`).
 
     Args:
         encoder: str. One of `ENCODERS`.
         input_shape: tuple. (H, W, C).
         encoder_weights: str or None. Local path; None or "" keeps random weights.
+        strides: tuple of 4 ints. Stage strides (the weights do not depend on them).
+            Defaults to (1, 2, 2, 2).
 
     Returns:
         A `keras_hub.models.ResNetBackbone`.
@@ -137,10 +144,11 @@ def load_backbone(encoder, input_shape, encoder_weights):
         ConfigError: the path is missing, not a weights file, or does not match.
     """
     if not encoder_weights:
-        return make_backbone(encoder, input_shape)
+        return make_backbone(encoder, input_shape, strides)
     return load_hub_backbone(
         "ResNetBackbone", input_shape, encoder_weights,
-        lambda: make_backbone(encoder, input_shape), encoder,
+        lambda: make_backbone(encoder, input_shape, strides), encoder,
+        overrides={"stackwise_num_strides": list(strides)},
     )
 
 
@@ -263,9 +271,9 @@ def _variant(encoder):
     return build
 
 
-build_resnet18_unet = register("resnet18_unet")(_variant("resnet18"))
-build_resnet34_unet = register("resnet34_unet")(_variant("resnet34"))
-build_resnet50_unet = register("resnet50_unet")(_variant("resnet50"))
+build_resnet18_unet = register("resnet18_unet", size_multiple=32, encoder=True)(_variant("resnet18"))
+build_resnet34_unet = register("resnet34_unet", size_multiple=32, encoder=True)(_variant("resnet34"))
+build_resnet50_unet = register("resnet50_unet", size_multiple=32, encoder=True)(_variant("resnet50"))
 
 
 def encoder_layer(model):

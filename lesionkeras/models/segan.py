@@ -17,6 +17,7 @@ import keras
 from keras import layers
 
 from lesionkeras.models.blocks import FusedBatchNormalization, apply_global_conv, check_builder_args
+from lesionkeras.models.layers import BilinearUpSampling2D
 from lesionkeras.models.registry import register
 
 ENCODER_KERNELS = (7, 5, 4)
@@ -32,7 +33,7 @@ class AdaptiveLogistic(layers.Layer):
     `sigmoid(output) = f(z)` and the model keeps the package's logits
     convention. `k` is a non-trainable scalar variable: it is saved with the
     model's weights and annealed during training by
-    `lesionkeras.callbacks.AnnealLogisticK` (the paper: 1.0, times 0.9 every
+    `lesionkeras.training.callbacks.AnnealLogisticK` (the paper: 1.0, times 0.9 every
     25 epochs, down to 0.3).
 
     Args:
@@ -59,7 +60,8 @@ class AdaptiveLogistic(layers.Layer):
         )
 
     def call(self, inputs):
-        return keras.ops.cast(inputs, "float32") / self.k
+        # float32 unless built for another dtype (float64 numerical references).
+        return keras.ops.cast(inputs, self.compute_dtype) / keras.ops.cast(self.k, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -127,7 +129,7 @@ def decoder_kernels(depth):
     return (DECODER_KERNELS[0],) * (depth - len(tail)) + tuple(tail)
 
 
-@register("segan")
+@register("segan", size_multiple="depth")
 def build_segan(
     input_shape=(None, None, 3),
     out_channels=1,
@@ -181,7 +183,7 @@ def build_segan(
     # Up block `level` brings the features to 1 / 2**level of the input size.
     for level, kernel in zip(reversed(range(depth)), decoder_kernels(depth)):
         f = filters * 2 ** max(level - 1, 0)
-        x = layers.UpSampling2D(2, interpolation="bilinear", name=f"up{level}_resize")(x)
+        x = BilinearUpSampling2D(2, name=f"up{level}_resize")(x)
         x = apply_conv(x, f, kernel, name=f"up{level}_conv")
         x = _bn(x, f"up{level}_bn")
         x = _act(x, False, f"up{level}_act")

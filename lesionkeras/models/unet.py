@@ -9,7 +9,7 @@ from lesionkeras.models.registry import register
 UPSAMPLING = ("bilinear", "transpose")
 
 
-@register("unet")
+@register("unet", size_multiple="depth")
 def build_unet(
     input_shape=(None, None, 3),
     out_channels=1,

@@ -110,7 +110,7 @@ def apply_se_block(x, ratio=16, *, name="se"):
     return layers.Multiply(name=f"{name}_scale")([x, s])
 
 
-@register("vgg19se")
+@register("vgg19se", size_multiple=32, encoder=True)
 def build_vgg_se_unet(
     input_shape=(None, None, 3),
     out_channels=1,
