@@ -6,7 +6,7 @@ Expected failures (bad input, bad config) print one line per problem and exit
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -18,50 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from lesionkeras import __version__  # noqa: E402
 from lesionkeras import config as config_lib  # noqa: E402
-from lesionkeras.errors import LesionKerasError, TrainingError  # noqa: E402
-
-
-def _quiet_tensorflow_import():
-    """Imports TensorFlow with its C++ start-up lines (oneDNN, CUDA probing) hidden.
-
-    TensorFlow 2.20+ prints them before its logging honours
-    TF_CPP_MIN_LOG_LEVEL, so the file descriptor itself is muted for the import.
-    """
-    if "tensorflow" in sys.modules:
-        return
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        sys.stderr.flush()
-        os.dup2(null, 2)
-        import tensorflow as tf
-
-        # Physical, not logical, devices: this probes CUDA (the noisy part) without
-        # initialising the runtime, which MultiWorkerMirroredStrategy must configure first.
-        tf.config.list_physical_devices("GPU")
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
-
-
-def _fail(lines, code):
-    for line in lines:
-        click.echo(f"error: {line}" if not line.startswith(("error:", "warning:")) else line, err=True)
-    sys.exit(code)
-
-
-def handle_errors(fn):
-    """Turns expected failures into one line each and the documented exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except LesionKerasError as e:
-            lines = e.lines() if hasattr(e, "lines") else [str(e)]
-            _fail(lines, 1 if isinstance(e, TrainingError) else 2)
-
-    return wrapper
+from lesionkeras.console import fail, handle_errors, quiet_tensorflow_import  # noqa: E402
 
 
 # Shared options (module constants, as commands reuse them).
@@ -97,32 +54,82 @@ FIT_FLAGS = {
     "weight_decay": "train.weight_decay", "loss": "train.loss",
     "val_fraction": "data.val_fraction", "filters": "model.filters", "depth": "model.depth",
     "progress": "train.progress",
-    "meta_grad": "meta.meta_grad", "clean_batch_size": "meta.clean_batch_size",
-    "simulate_noise": "meta.simulate_noise", "clean_count": "meta.clean_count",
-    "noisy_data": "meta.noisy_data", "clean_data": "meta.clean_data",
-    "finetune_epochs": "meta.finetune_epochs", "finetune_lr": "meta.finetune_lr",
     "encoder_weights": "model.encoder_weights", "schedule": "train.schedule",
-    "structures": "smile.structures", "empty_means_missing": "smile.empty_means_missing",
-    "simulate_missing": "smile.simulate_missing",
-    "relabel_rounds": "smile.relabel_rounds", "gamma_max": "smile.gamma_max",
-    "relabel_epochs": "smile.relabel_epochs", "uncertainty": "smile.uncertainty",
-    "mc_samples": "smile.mc_samples",
-    "pyramid": "unet34.pyramid", "pyramid_epochs": "unet34.pyramid_epochs",
     "freeze_encoder_epochs": "train.freeze_encoder_epochs",
 }
+# Options named `<table>__<key>` set `table.key`: the methods' own flags.
+TABLE_SEP = "__"
 
 
-@main.command()
-@click.option("--method", type=click.Choice(config_lib.METHODS), default=None,
-              help="Training method (default: baseline).")
-@click.option("--task", type=click.Choice(config_lib.TASKS), default=None,
-              help="ISIC task: segment (default), attributes (--method multitask) or "
-                   "classify (--method triplet or softmax).")
+def _table_option(table, f):
+    """The `fit` option of a method's config key with `flag` metadata."""
+    meta = f.metadata
+    default = f.default
+    decl = meta["flag"] if isinstance(meta["flag"], str) else "--" + f.name.replace("_", "-")
+    if isinstance(default, bool) and "/" not in decl:
+        decl = f"{decl}/--no-{decl[2:]}"
+    if meta.get("choices"):
+        kind = click.Choice([c for c in meta["choices"] if c != ""])
+    elif isinstance(default, bool):
+        kind = bool
+    elif isinstance(default, int):
+        kind = click.IntRange(min=meta.get("minimum"), max=meta.get("maximum"))
+    elif isinstance(default, float):
+        kind = click.FloatRange(min=meta.get("minimum"), max=meta.get("maximum"))
+    else:
+        kind = str
+    return click.Option([decl, f"{table}{TABLE_SEP}{f.name}"], type=kind, default=None,
+                        help=meta["help"])
+
+
+class _FitCommand(click.Command):
+    """A command whose `--method`/`--task` choices and method flags come from the registries.
+
+    They are read when the command is used (parsing or its own --help), not when
+    the CLI starts: the methods' modules import TensorFlow.
+    """
+
+    def get_params(self, ctx):
+        if not hasattr(self, "_own_params"):
+            self._own_params = list(self.params)
+        quiet_tensorflow_import()
+        tables = [
+            _table_option(table, f)
+            for table, cls in config_lib.sections().items()
+            if table not in config_lib.SHARED_SECTIONS
+            for f in dataclasses.fields(cls) if f.metadata.get("flag")
+        ]
+        self.params = [
+            click.Option(["--method"], type=click.Choice(config_lib.methods()), default=None,
+                         help="Training method (default: baseline)."),
+            click.Option(["--task"], type=click.Choice(config_lib.TASKS), default=None,
+                         help="ISIC task: segment (default), attributes (--method multitask) "
+                              "or classify (--method triplet or softmax)."),
+            *self._own_params, *tables,
+        ]
+        return super().get_params(ctx)
+
+
+def _overrides(flags):
+    """{dotted key: value} of the flags given (shared flags and method-table flags)."""
+    out = {}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        out[name.replace(TABLE_SEP, ".") if TABLE_SEP in name else FIT_FLAGS[name]] = value
+    for cls in config_lib.sections().values():
+        hook = getattr(cls, "cli_overrides", None)
+        if hook is not None:
+            out = hook(out)
+    return out
+
+
+@main.command(cls=_FitCommand)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML config; flags override its keys.")
 @DATA_OPTION
 @click.option("--out", default=None, help="Run directory (default: runs/<method>-<time>).")
-@click.option("--model", default=None, help="Registered model name (default: the method's model: segan for segan, resnet34_unet for unet34, resnet18_deeplab for smile and multiclass, else unet).")
+@click.option("--model", default=None, help="Registered model name (default: the method's own model).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @BATCH_OPTION
 @click.option("--image-size", type=click.IntRange(min=16), default=None,
@@ -150,45 +157,6 @@ FIT_FLAGS = {
 @click.option("--schedule", type=click.Choice(
     ["constant", "one_cycle", "slanted_triangular", "linear_decay", "plateau"]), default=None,
     help="Learning-rate schedule (default: constant).")
-@click.option("--meta-grad", type=click.Choice(["nested", "forward"]), default=None,
-              help="meta: forward mode (default) or nested tapes (reference) for eq. 7.")
-@click.option("--clean-batch-size", type=click.IntRange(min=1), default=None,
-              help="meta: clean images per step (default 10).")
-@click.option("--simulate-noise", type=click.Choice(["7-vertex", "3-vertex", "4-axis", "maximal"]),
-              default=None, help="meta, finetune, image-reweight, baseline: noisy masks for all "
-                   "training images but --clean-count.")
-@click.option("--clean-count", type=click.IntRange(min=1), default=None,
-              help="meta: clean training images kept by --simulate-noise.")
-@click.option("--noisy-data", default=None, help="meta: folder of images with noisy masks.")
-@click.option("--clean-data", default=None,
-              help="meta: folder of images with clean masks (also the validation split).")
-@click.option("--finetune-epochs", type=click.IntRange(min=1), default=None,
-              help="finetune: epochs on the clean images after --epochs on the noisy ones.")
-@click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="finetune: learning rate of the clean stage (default: --lr / 10).")
-@click.option("--structures", default=None,
-              help="smile/multiclass: comma-separated structures (default: lesion + 5 attributes).")
-@click.option("--empty-means-missing/--empty-means-absent", "empty_means_missing", default=None,
-              help="smile/multiclass: an empty mask file means not annotated (default: absent).")
-@click.option("--simulate-missing", type=click.FloatRange(0, 1), default=None,
-              help="smile/multiclass: drop each structure's labels from this fraction of the "
-                   "training images (seeded; recorded in RUN/annotations.csv).")
-@click.option("--relabel-rounds", type=click.IntRange(min=0), default=None,
-              help="smile: SMILEr relabelling rounds T after SMILE training (default 0 = off).")
-@click.option("--gamma-max", type=click.FloatRange(0, 1), default=None,
-              help="smile: SMILEr fraction of predicted-positive unknown pixels added by the "
-                   "last round (round t: t/T of it; default 1).")
-@click.option("--relabel-epochs", type=click.IntRange(min=1), default=None,
-              help="smile: epochs of each SMILEr round (default 5).")
-@click.option("--uncertainty", type=click.Choice(["score", "mc-dropout"]), default=None,
-              help="smile: SMILEr keeps the highest-score pixels, or the lowest MC-dropout std.")
-@click.option("--mc-samples", type=click.IntRange(min=2), default=None,
-              help="smile: dropout samples of --uncertainty mc-dropout (default 10).")
-@click.option("--pyramid", default=None,
-              help="unet34: pyramid transfer, e.g. 128,256: train at each size in turn "
-                   "(sets --image-size to the last one).")
-@click.option("--pyramid-epochs", default=None,
-              help="unet34: epochs of stage 1 and stage 2 at each pyramid size, e.g. 10,10,5,5.")
 @click.option("--freeze-encoder-epochs", type=click.IntRange(min=0), default=None,
               help="Encoder frozen for the first N epochs, then all trains (models with an "
                    "encoder, e.g. vgg19se; ISIC 2018 report: 50).")
@@ -198,12 +166,7 @@ FIT_FLAGS = {
 @handle_errors
 def fit(config_file, resume, kfold, **flags):
     """Train a model; writes a run directory (config, checkpoints, TensorBoard)."""
-    overrides = {FIT_FLAGS[k]: v for k, v in flags.items() if v is not None}
-    if flags["pyramid"] and flags["image_size"] is None:
-        # Validation and prediction run at the last size of the pyramid.
-        sizes = config_lib.parse_int_list(flags["pyramid"], "--pyramid")
-        if sizes:
-            overrides["data.image_size"] = sizes[-1]
+    overrides = _overrides(flags)
     if resume:
         if config_file:
             raise click.UsageError("--resume reads the run's own config; drop --config.")
@@ -215,8 +178,8 @@ def fit(config_file, resume, kfold, **flags):
     else:
         cfg = config_lib.load_config(config_file, overrides)
 
-    _quiet_tensorflow_import()
-    from lesionkeras.trainers import run
+    quiet_tensorflow_import()
+    from lesionkeras.training import run
 
     try:
         if kfold:
@@ -248,7 +211,7 @@ def fit(config_file, resume, kfold, **flags):
 @DATA_OPTION
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for lr_find.csv and lr_find.png.")
-@click.option("--model", default=None, help="Registered model name (default: the method's model: segan for segan, resnet34_unet for unet34, resnet18_deeplab for smile and multiclass, else unet).")
+@click.option("--model", default=None, help="Registered model name (default: the method's own model).")
 @BATCH_OPTION
 @click.option("--image-size", type=click.IntRange(min=16), default=None,
               help="Model input side in pixels.")
@@ -272,10 +235,10 @@ def lr_find(config_file, out, steps, min_lr, max_lr, **flags):
     """Learning-rate range test: writes a CSV and a log-x plot, prints the suggested rate."""
     if min_lr >= max_lr:
         raise click.UsageError(f"--min-lr ({min_lr}) must be below --max-lr ({max_lr}).")
-    overrides = {FIT_FLAGS[k]: v for k, v in flags.items() if v is not None}
+    overrides = _overrides(flags)
     cfg = config_lib.load_config(config_file, overrides)
-    _quiet_tensorflow_import()
-    from lesionkeras.trainers import lr_find as lr_find_lib
+    quiet_tensorflow_import()
+    from lesionkeras.training import lr_find as lr_find_lib
 
     result = lr_find_lib.run_lr_find(cfg, out, min_lr=min_lr, max_lr=max_lr, steps=steps)
     stop = "the loss diverged" if result.diverged else "all steps run"
@@ -314,19 +277,20 @@ POSTPROCESS_OPTION = click.option(
 
 
 def _load_predictor(model_paths, ensemble, tta, threshold):
-    from lesionkeras import inference
+    from lesionkeras.inference import loading
+    from lesionkeras.inference.predictor import with_tta
 
     if len(model_paths) > 1 and not ensemble:
         raise click.UsageError("several MODELs need --ensemble.")
     if ensemble and len(model_paths) < 2:
         raise click.UsageError("--ensemble needs at least two MODELs.")
     if ensemble:
-        predictor = inference.load_ensemble(model_paths, threshold=threshold)
+        predictor = loading.load_ensemble(model_paths, threshold=threshold)
     else:
-        predictor = inference.load_predictor(model_paths[0], threshold=threshold)
+        predictor = loading.load_predictor(model_paths[0], threshold=threshold)
     for note in predictor.notes:
         click.echo(note, err=True)
-    return inference.with_tta(predictor, tta)
+    return with_tta(predictor, tta)
 
 
 @main.command()
@@ -354,10 +318,10 @@ def evaluate(model_paths, data, out, threshold, batch_size, limit, ensemble, tta
     With --ensemble, MODEL... are averaged (and each is also scored alone).
     With --postprocess, scores with and without it are shown side by side.
     """
-    _quiet_tensorflow_import()
-    from lesionkeras import inference
+    quiet_tensorflow_import()
     from lesionkeras import postprocess as postprocess_lib
     from lesionkeras.data import check
+    from lesionkeras.inference import evaluate as evaluation
 
     model_path = model_paths[0]
     from lesionkeras.classify import tasks
@@ -377,7 +341,7 @@ def evaluate(model_paths, data, out, threshold, batch_size, limit, ensemble, tta
         df = _load_data(data, limit)
         check.validate(df, require_masks=True, source=data or "synthetic")
     else:
-        from lesionkeras.trainers import run
+        from lesionkeras.training import run
 
         if not Path(model_path).is_dir():
             raise click.UsageError("--split needs a run directory as MODEL.")
@@ -394,12 +358,12 @@ def evaluate(model_paths, data, out, threshold, batch_size, limit, ensemble, tta
         suffix = "" if split == "all" else f"-{split}"
         out = base / f"eval-{Path(data).name if data else 'synthetic'}{suffix}"
     with click.progressbar(length=len(df), label="evaluating", file=sys.stderr) as bar:
-        _, summary = inference.evaluate(
+        _, summary = evaluation.evaluate(
             predictor, df, out_dir=out, batch_size=batch_size or 8, progress=bar.update,
-            postprocess=steps, post_cfg=inference.postprocess_config(model_path),
+            postprocess=steps, post_cfg=evaluation.postprocess_config(model_path),
             report=report,
         )
-    click.echo(inference.format_summary(summary))
+    click.echo(evaluation.format_summary(summary))
     click.echo(f"per-image scores: {Path(out) / 'per_image.csv'}")
     if report:
         click.echo(f"failure report: {Path(out) / 'report.html'}")
@@ -426,10 +390,11 @@ def predict(model_paths, input_path, out, threshold, probabilities, overlay, bat
 
     With --ensemble, the probabilities of MODEL... are averaged.
     """
-    _quiet_tensorflow_import()
-    from lesionkeras import inference
+    quiet_tensorflow_import()
     from lesionkeras import postprocess as postprocess_lib
     from lesionkeras.data import check
+    from lesionkeras.inference import evaluate as evaluation
+    from lesionkeras.inference import predict as prediction
 
     from lesionkeras.classify import tasks
 
@@ -444,13 +409,13 @@ def predict(model_paths, input_path, out, threshold, probabilities, overlay, bat
     if mc_samples and (ensemble or tta != "none"):
         raise click.UsageError("--mc-samples combines with neither --ensemble nor --tta.")
     predictor = _load_predictor(model_paths, ensemble, tta, threshold)
-    df = inference.list_images(input_path)
+    df = evaluation.list_images(input_path)
     check.validate(df, require_masks=False, source=input_path)
     with click.progressbar(length=len(df), label="predicting", file=sys.stderr) as bar:
-        written = inference.predict(
+        written = prediction.predict(
             predictor, df, out, probabilities=probabilities, overlays=overlay,
             batch_size=batch_size or 8, progress=bar.update, postprocess=steps,
-            post_cfg=inference.postprocess_config(model_paths[0]), mc_samples=mc_samples or 0,
+            post_cfg=evaluation.postprocess_config(model_paths[0]), mc_samples=mc_samples or 0,
         )
     structures = getattr(predictor, "structures", ())
     if len(structures) > 1:
@@ -489,7 +454,7 @@ def export_cmd(model_path, fmt, out, threshold, parity_images, tolerance, quanti
     probabilities differ from the Keras model's by more than --tolerance, or,
     quantised, when its masks agree with the Keras masks below --min-dice.
     """
-    _quiet_tensorflow_import()
+    quiet_tensorflow_import()
     from lesionkeras import export
     from lesionkeras.classify import tasks
 
@@ -505,7 +470,7 @@ def export_cmd(model_path, fmt, out, threshold, parity_images, tolerance, quanti
             quantize=quantize, representative_data=representative_data, min_dice=min_dice,
         )
     except export.ParityError as e:
-        _fail([str(e)], 1)
+        fail([str(e)], 1)
     click.echo(f"wrote {result.path} and {result.metadata_path}")
 
 

@@ -3,9 +3,8 @@
 The exported graph takes raw 0-255 RGB images: the per-channel normalisation
 of the run and its logits -> probabilities mapping (the sigmoid, or for
 `multiclass` runs the softmax over background + K structures, exactly as
-`inference.Predictor` computes it) are baked in, so a client needs no Python
+`inference.predictor.Predictor` computes it) are baked in, so a client needs no Python
 preprocessing. A SavedModel has two signatures:
-
 - `serving_default`: `images` float32 `(batch, S, S, 3)` at the model
   resolution `S` -> `probabilities` float32 `(batch, S, S, K)` and `mask`
   uint8 `(batch, S, S, K)` (1 where the probability reaches the run's
@@ -31,7 +30,6 @@ exports) or when the Dice agreement of their thresholded masks falls below
 written to a temporary folder next to `out` and renamed into place.
 
 Example:
-
 ```python
 from lesionkeras import export
 
@@ -56,9 +54,13 @@ import tensorflow as tf
 from PIL import Image
 
 from lesionkeras import __version__
-from lesionkeras import inference
+from lesionkeras.data import pipeline
 from lesionkeras.data.color import apply_color_constancy
 from lesionkeras.errors import DataError, LesionKerasError
+from lesionkeras.inference.evaluate import list_images
+from lesionkeras.inference.loading import TFLiteRunner, load_predictor
+from lesionkeras.inference.predictor import probabilities_from_logits
+from lesionkeras.data import synthetic
 
 FORMATS = ("savedmodel", "tflite")
 QUANTIZE = ("none", "float16", "dynamic", "int8")
@@ -92,12 +94,13 @@ class ExportResult:
 
 
 def serving_functions(model, image_size, mean, std, threshold, color_constancy="none",
-                      method="", container=-1):
+                      activation="sigmoid", container=-1):
     """The two serving functions, with preprocessing, activation and threshold baked in.
 
-    The logits become probabilities through `inference.probabilities_from_logits`,
+    The logits become probabilities through `inference.predictor.probabilities_from_logits`,
     the very mapping `predict` uses: a sigmoid per channel, or for `multiclass`
-    runs the (K+1)-way softmax turned into K structure probabilities.
+    runs (`softmax_structures`) the (K+1)-way softmax turned into K structure
+    probabilities.
 
     Args:
         model: keras.Model. Returns logits `(batch, S, S, K)` for normalised input.
@@ -107,10 +110,10 @@ def serving_functions(model, image_size, mean, std, threshold, color_constancy="
         threshold: float. Probability threshold of the `mask` output.
         color_constancy: str. Colour balance of the run (`data.color_constancy`).
             Defaults to `"none"`.
-        method: str. The run's method; chooses the activation (see
-            `inference.output_activation`). Defaults to `""` (sigmoid).
-        container: int. `multiclass` only: the container structure's channel,
-            -1 for none. Defaults to -1.
+        activation: str. The logits -> probabilities mapping of the run
+            (`inference.predictor.ACTIVATIONS`). Defaults to `"sigmoid"`.
+        container: int. `softmax_structures` only: the container structure's
+            channel, -1 for none. Defaults to -1.
 
     Returns:
         (serve, serve_bytes): `serve(images)` for a float32 batch of raw 0-255
@@ -123,7 +126,7 @@ def serving_functions(model, image_size, mean, std, threshold, color_constancy="
     def probabilities(images):
         x = apply_color_constancy(tf.clip_by_value(images, 0.0, 255.0), color_constancy)
         x = (x - mean) / std
-        return inference.probabilities_from_logits(model(x, training=False), method, container)
+        return probabilities_from_logits(model(x, training=False), activation, container)
 
     def outputs(p):
         return {"probabilities": p, "mask": tf.cast(p >= threshold, tf.uint8)}
@@ -133,7 +136,7 @@ def serving_functions(model, image_size, mean, std, threshold, color_constancy="
 
     def serve_bytes(image_bytes):
         img = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-        # Same resizing as `inference.Predictor`, so both give the same maps.
+        # Same resizing as `inference.predictor.Predictor`, so both give the same maps.
         x = tf.image.resize(tf.cast(img, tf.float32), size, antialias=True)
         p = probabilities(x[tf.newaxis])[0]
         return outputs(tf.image.resize(p, tf.shape(img)[:2], method="bilinear"))
@@ -142,7 +145,7 @@ def serving_functions(model, image_size, mean, std, threshold, color_constancy="
 
 
 def write_savedmodel(model, path, image_size, mean, std, threshold, color_constancy="none",
-                     method="", container=-1):
+                     activation="sigmoid", container=-1):
     """Writes the SavedModel with the `serving_default` and `serving_bytes` signatures.
 
     Args:
@@ -153,12 +156,12 @@ def write_savedmodel(model, path, image_size, mean, std, threshold, color_consta
         std: sequence of 3 floats. Per-channel std (0-255 scale).
         threshold: float. Threshold of the `mask` outputs.
         color_constancy: str. Colour balance of the run. Defaults to `"none"`.
-        method: str. The run's method (activation, see `serving_functions`).
-            Defaults to `""`.
-        container: int. `multiclass` container channel or -1. Defaults to -1.
+        activation: str. The run's logits -> probabilities mapping (see
+            `serving_functions`). Defaults to `"sigmoid"`.
+        container: int. `softmax_structures` container channel or -1. Defaults to -1.
     """
     serve, serve_bytes = serving_functions(
-        model, image_size, mean, std, threshold, color_constancy, method, container
+        model, image_size, mean, std, threshold, color_constancy, activation, container
     )
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -226,7 +229,7 @@ def representative_images(source, image_size, limit=100):
     Raises:
         DataError: the folder is missing, empty or holds an unreadable image.
     """
-    df = inference.list_images(source)
+    df = list_images(source)
     out = []
     for path in df["image"].astype(str).tolist()[:limit]:
         try:
@@ -234,7 +237,7 @@ def representative_images(source, image_size, limit=100):
                 image = np.asarray(im.convert("RGB"))
         except Exception as e:  # noqa: BLE001 - any decode failure is a bad input file
             raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
-        # The same resizing as `inference.Predictor`, so calibration sees served inputs.
+        # The same resizing as `inference.predictor.Predictor`, so calibration sees served inputs.
         out.append(tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size),
                                    antialias=True).numpy())
     return np.stack(out)
@@ -242,7 +245,6 @@ def representative_images(source, image_size, limit=100):
 
 def parity_images(image_size, count=4, seed=0):
     """Synthetic lesion images, (count, S, S, 3) uint8, deterministic."""
-    from lesionkeras.data import synthetic
 
     return np.stack(
         [synthetic.make_sample(seed, i, size=int(image_size)).image for i in range(count)]
@@ -253,7 +255,7 @@ def keras_probabilities(predictor, images):
     """Probabilities of the Keras model on raw images at the model size, (N, S, S, K)."""
     x = tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 255.0)
     x = apply_color_constancy(x, _color_constancy(predictor))
-    x = inference.pipeline.normalizer(predictor.mean, predictor.std)(x)
+    x = pipeline.normalizer(predictor.mean, predictor.std)(x)
     return np.asarray(predictor.to_probabilities(predictor.model(x, training=False)))
 
 
@@ -282,7 +284,7 @@ def _run_savedmodel(path, images, encoded):
 
 
 def _run_tflite(path, images):
-    return inference.TFLiteRunner(path)(np.asarray(images, np.float32))["probabilities"]
+    return TFLiteRunner(path)(np.asarray(images, np.float32))["probabilities"]
 
 
 def _metadata(predictor, fmt, out_channels):
@@ -298,7 +300,7 @@ def _metadata(predictor, fmt, out_channels):
         "threshold": predictor.threshold,
         "method": predictor.method,
         # The logits -> probabilities mapping baked into the signatures.
-        "activation": inference.output_activation(predictor.method),
+        "activation": predictor.activation,
         "structures": list(getattr(predictor, "structures", ())),
         "container": int(getattr(predictor, "container", -1)),
         "version": __version__,
@@ -360,7 +362,7 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
     log = log or (lambda line: None)
     out = Path(out)
     _check_out(out, format)
-    predictor = inference.load_predictor(model_path, threshold=threshold)
+    predictor = load_predictor(model_path, threshold=threshold)
     if predictor.model is None:
         raise DataError(f"{model_path}: already exported; export a run directory or a .keras file")
     for note in predictor.notes:
@@ -382,7 +384,7 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
     try:
         saved_model = tmp if format == "savedmodel" else tmp / "saved_model"
         write_savedmodel(predictor.model, saved_model, size, predictor.mean, predictor.std,
-                         predictor.threshold, _color_constancy(predictor), predictor.method,
+                         predictor.threshold, _color_constancy(predictor), predictor.activation,
                          predictor.container)
         if format == "savedmodel":
             probs, odd_probs = _run_savedmodel(saved_model, images, _png_bytes(odd))

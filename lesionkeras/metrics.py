@@ -11,7 +11,6 @@ Targets are binarised at 0.5 (`t >= 0.5` is foreground), predictions at
 
 Conventions for empty masks, chosen so no score is ever NaN and a correct
 "nothing here" answer scores perfectly:
-
 * dice = 2TP / (2TP + FP + FN), and 1 when truth and prediction are both
   empty; jaccard = TP / (TP + FP + FN), likewise 1 when both are empty.
   An empty prediction of a non-empty truth (or the reverse) scores 0.
@@ -37,6 +36,7 @@ import numpy as np
 from keras import ops
 
 from lesionkeras.shapes import as_float32, check_shapes
+from lesionkeras.losses import multiclass_probabilities
 
 _PACKAGE = "lesionkeras"
 
@@ -606,8 +606,6 @@ class SoftmaxStructureScore(PerImageScore):
         super().__init__(threshold, False, class_id, name or score, dtype)
 
     def per_image(self, y_true, y_pred):
-        from lesionkeras.losses import multiclass_probabilities
-
         return super().per_image(y_true, multiclass_probabilities(y_pred, self.container))
 
     def get_config(self):

@@ -256,3 +256,25 @@ def schedule_callbacks(train_cfg, monitor="val_dice"):
                           patience=train_cfg.plateau_patience)
         ]
     return []
+
+
+def make_optimizer(train_cfg, steps_per_epoch=None, learning_rate=None):
+    """Adam, AdamW or SGD with momentum, as the `[train]` table says.
+
+    Args:
+        train_cfg: `TrainConfig`.
+        steps_per_epoch: int or None. Needed by the step schedules
+            (`one_cycle`, `slanted_triangular`, `linear_decay`).
+        learning_rate: float or schedule, or None. Replaces `train.schedule`'s rate
+            (e.g. the step decay of the ISIC 2018 classifiers).
+    """
+    lr = make_schedule(train_cfg, steps_per_epoch) if learning_rate is None else learning_rate
+    if train_cfg.optimizer == "adam":
+        return keras.optimizers.Adam(lr)
+    if train_cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=train_cfg.weight_decay)
+    return keras.optimizers.SGD(
+        lr,
+        momentum=train_cfg.momentum,
+        weight_decay=train_cfg.weight_decay or None,
+    )

@@ -1,4 +1,5 @@
-"""`fit`, `evaluate` and `predict` of `--task attributes` (ISIC 2018 Task 2, method multitask).
+"""Data, scoring and prediction of `--task attributes` (ISIC 2018 Task 2); `fit` is
+`lesionkeras.methods.multitask.Multitask` on the shared run loop.
 
 Data: an ISIC folder with Task 2 masks (`<id>_attribute_<name>.png`), a
 manifest CSV with `attr_<name>` columns, or the synthetic dataset; missing
@@ -21,17 +22,17 @@ import keras
 import numpy as np
 
 from lesionkeras import config as config_lib
-from lesionkeras.callbacks import StopOnNaN
 from lesionkeras.classify import metrics as cmetrics
 from lesionkeras.data.classes import ATTRIBUTES
 from lesionkeras.errors import ConfigError, DataError
+from lesionkeras.classify.data import list_images
+from lesionkeras.data import layout, missing, pipeline, sources
+import lesionkeras.models.attribute_net  # noqa: F401
 
 SIZE_MULTIPLE = 32
 
 
-def _manifest(cfg, source=None, limit=None):
-    from lesionkeras.data import layout, missing, sources
-
+def manifest(cfg, source=None, limit=None):
     d = cfg.data
     source = source or d.source
     df = sources.load_manifest(
@@ -45,9 +46,7 @@ def _manifest(cfg, source=None, limit=None):
                             source=source)
 
 
-def _datasets(cfg, df, training, batch_size=None):
-    from lesionkeras.data import missing, pipeline
-
+def datasets(cfg, df, training, batch_size=None):
     d = cfg.data
     decoded = missing.decoded_dataset(df, ATTRIBUTES, d.image_size, cache=d.cache)
     return missing.make_dataset(
@@ -57,7 +56,7 @@ def _datasets(cfg, df, training, batch_size=None):
     )
 
 
-def _init_encoder(network, source):
+def init_encoder(network, source):
     """Copies the `encoder` weights of a Task 1 run (or `.keras` file) into `network`."""
     path = Path(source)
     if path.is_dir():
@@ -73,91 +72,7 @@ def _init_encoder(network, source):
                           f"({str(e).splitlines()[0]})") from None
 
 
-def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()):
-    """Trains `--task attributes --method multitask`; returns a `FitResult`.
-
-    `resume_dir` continues an interrupted (or finished) run from its last
-    finished epoch up to `cfg.train.epochs`; `cfg.train.strategy` distributes it.
-    """
-    from lesionkeras import distribute
-    from lesionkeras.classify.runner import (check_model_name, make_optimizer, run_dir_for,
-                                             training_callbacks)
-    from lesionkeras.data import missing, pipeline
-    from lesionkeras.models import registry
-    from lesionkeras.trainers.multitask import MultitaskTrainer
-    from lesionkeras.trainers.run import FitResult, _history_len
-
-    check_model_name(cfg, "attribute_net")
-    size = cfg.data.crop_size or cfg.data.image_size
-    if size % SIZE_MULTIPLE:
-        raise ConfigError(f"`data.image_size`/`data.crop_size` ({size}) must be a multiple of "
-                          f"{SIZE_MULTIPLE} for the VGG19 features")
-    # First, before any TensorFlow op (MultiWorkerMirroredStrategy configures the runtime).
-    strategy = distribute.resolve_strategy(cfg.train.strategy)
-    run_dir = run_dir_for(cfg, resume_dir)
-    cfg = cfg.override({"out": str(run_dir), "data.mean": list(pipeline.IMAGENET_MEAN),
-                        "data.std": list(pipeline.IMAGENET_STD)})
-    replicas = distribute.check_batch_size(cfg.train.batch_size, strategy)
-    keras.utils.set_random_seed(cfg.seed)
-    df = _manifest(cfg)
-    df = pipeline.assign_splits(df, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
-    if cfg.smile.simulate_missing:
-        train_rows = df["split"].to_numpy() == "train"
-        df = missing.drop_annotations(df, ATTRIBUTES, cfg.smile.simulate_missing, cfg.seed,
-                                      rows=train_rows)
-    train_df = df[df["split"] == "train"].reset_index(drop=True)
-    val_df = df[df["split"] == "val"].reset_index(drop=True)
-    if train_df.empty:
-        raise DataError(f"{cfg.data.source}: no training images left after the validation split")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.toml")
-    train_ds = _datasets(cfg, train_df, True)
-    val_ds = None
-    if len(val_df):
-        keep, val_batch = pipeline.validation_batches(
-            len(val_df), cfg.train.batch_size, replicas, log)
-        val_df = val_df.iloc[:keep].reset_index(drop=True)
-        val_ds = _datasets(cfg, val_df, False, val_batch)
-    m = cfg.model
-    with strategy.scope():
-        network = registry.build(
-            "attribute_net", input_shape=(size, size, 3), encoder_filters=m.encoder_filters,
-            filters=m.filters, batch_norm=m.batch_norm, encoder_weights=m.encoder_weights or None,
-        )
-        model = MultitaskTrainer(network, mask_weight=cfg.attributes.mask_weight,
-                                 presence_weight=cfg.attributes.presence_weight,
-                                 threshold=cfg.train.threshold)
-        model.compile(optimizer=make_optimizer(cfg, int(train_ds.cardinality())),
-                      jit_compile=cfg.train.jit_compile == "true")
-        # Built here, in the strategy scope, before `fit` (keras#20164).
-        model.optimizer.build(network.trainable_variables)
-    if cfg.attributes.init_from and not resume_dir:
-        # A resumed run restores its own trained weights instead (BackupAndRestore).
-        _init_encoder(network, cfg.attributes.init_from)
-    nan_stop = StopOnNaN()
-    callbacks = training_callbacks(run_dir, "val_jaccard" if val_ds is not None else "jaccard",
-                                   before=[nan_stop], after=extra_callbacks)
-    known = {a: int(train_df[f"annotated_{a}"].sum()) for a in ATTRIBUTES}
-    log(f"training the multitask VGG19 attribute network ({network.count_params():,} "
-        f"parameters) on {len(train_df)} images (annotated: "
-        + ", ".join(f"{a} {n}" for a, n in known.items()) + f"), validating on {len(val_df)}; "
-        f"strategy {type(strategy).__name__} with {replicas} replica(s)")
-    history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs,
-                        callbacks=callbacks, shuffle=False,
-                        verbose=verbose if cfg.train.progress else (2 if verbose else 0))
-    nan_stop.raise_if_stopped(run_dir)
-    metrics = {"epochs": _history_len(run_dir / "history.csv"), "train_images": len(train_df),
-               "val_images": len(val_df)}
-    if not (run_dir / "model.keras").exists():
-        network.save(run_dir / "model.keras")  # the monitor was never finite
-    if val_ds is not None:
-        best = keras.saving.load_model(run_dir / "model.keras")
-        metrics.update(_score(best, val_ds, cfg.train.threshold))
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return FitResult(run_dir, metrics, len(history.epoch), [])
-
-
-def _score(network, dataset, threshold):
+def score(network, dataset, threshold):
     """ISIC 2018 Task 2 scores: pooled Jaccard per attribute (known pixels) and their mean."""
     inter = np.zeros(len(ATTRIBUTES), np.int64)
     union = np.zeros(len(ATTRIBUTES), np.int64)
@@ -185,7 +100,6 @@ def _score(network, dataset, threshold):
 
 def _load(model_path):
     # Registers the package's layers (blocks, adaptive logistic) before loading.
-    import lesionkeras.models.attribute_net  # noqa: F401
 
     run = Path(model_path)
     cfg = config_lib.load_config(run / "config.toml")
@@ -199,8 +113,8 @@ def _load(model_path):
 def evaluate(model_path, data=None, out=None, batch_size=None, limit=None):
     """(summary lines, out folder): pooled Jaccard per attribute on labelled data."""
     cfg, network = _load(model_path)
-    df = _manifest(cfg, data, limit)
-    scores = _score(network, _datasets(cfg, df, False, batch_size), cfg.train.threshold)
+    df = manifest(cfg, data, limit)
+    scores = score(network, datasets(cfg, df, False, batch_size), cfg.train.threshold)
     out = Path(out) if out else Path(model_path) / f"eval-{Path(data or cfg.data.source).name}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({**scores, "images": len(df)}, indent=2) + "\n")
@@ -217,9 +131,6 @@ def predict(model_path, input_path, out, batch_size=None):
     """Writes `<image>_attribute_<name>.png` (0/255, original size); returns the image count."""
     import tensorflow as tf
     from PIL import Image
-
-    from lesionkeras.classify.data import list_images
-    from lesionkeras.data import pipeline
 
     cfg, network = _load(model_path)
     size = cfg.data.crop_size or cfg.data.image_size

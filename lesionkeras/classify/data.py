@@ -1,7 +1,6 @@
 """Classification data: label CSVs -> a manifest of (id, image, label) -> tf.data batches.
 
 Label files understood (recognised by their header):
-
 * ISIC 2018 Task 3 ground truth: `image` + one-hot columns MEL, NV, BCC, AKIEC,
   BKL, DF, VASC (the built-in synthetic dataset writes this one).
 * HAM10000 metadata: `image_id` + `dx` (mel, nv, bcc, akiec, bkl, df, vasc).
@@ -23,6 +22,7 @@ import pandas as pd
 
 from lesionkeras.data.classes import DIAGNOSES
 from lesionkeras.errors import DataError
+from lesionkeras.data import synthetic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -173,8 +173,6 @@ def load_classification(source, *, labels="", images="", limit=0, synthetic_coun
         DataError: no or bad label CSV, unknown class, or a labelled image is missing.
     """
     if source == "synthetic":
-        from lesionkeras.data import synthetic
-
         root = synthetic.cached_dataset(synthetic_count, synthetic_size, 0)
     else:
         root = Path(source)

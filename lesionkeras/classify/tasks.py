@@ -1,10 +1,12 @@
-"""Dispatch of `fit`/`evaluate`/`predict` on the run config's `task` (`classify`, `attributes`)."""
+"""Dispatch of `evaluate`/`predict` on the run config's `task` (`classify`, `attributes`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from lesionkeras import config as config_lib
+from lesionkeras.classify import attributes
+from lesionkeras.classify import metrics, runner
 
 
 def run_task(model_path) -> str:
@@ -15,26 +17,13 @@ def run_task(model_path) -> str:
     return config_lib.load_config(path).task
 
 
-def fit(cfg, **kwargs):
-    if cfg.task == "classify":
-        from lesionkeras.classify import runner
-
-        return runner.fit(cfg, **kwargs)
-    from lesionkeras.classify import attributes
-
-    return attributes.fit(cfg, **kwargs)
-
-
 def evaluate(model_path, **kwargs):
     """(summary text lines, out folder) of the run's task."""
     if run_task(model_path) == "classify":
-        from lesionkeras.classify import metrics, runner
-
         report, classes, out = runner.evaluate(model_path, **kwargs)
         return [metrics.format_report(report, classes),
                 f"confusion matrix: {out / 'confusion.csv'} and {out / 'confusion.png'}",
                 f"per-image predictions: {out / 'per_image.csv'}"], out
-    from lesionkeras.classify import attributes
 
     return attributes.evaluate(model_path, **kwargs)
 
@@ -42,11 +31,8 @@ def evaluate(model_path, **kwargs):
 def predict(model_path, input_path, out, batch_size=None):
     """One summary line of what was written."""
     if run_task(model_path) == "classify":
-        from lesionkeras.classify import runner
-
         path = runner.predict(model_path, input_path, out, batch_size=batch_size)
         return f"wrote the ISIC Task 3 submission CSV {path}"
-    from lesionkeras.classify import attributes
 
     count = attributes.predict(model_path, input_path, out, batch_size=batch_size)
     return f"wrote {count} x 5 attribute masks (<image>_attribute_<name>.png) to {out}"

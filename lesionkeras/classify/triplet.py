@@ -12,7 +12,6 @@ size. Everything is batch-wide tensor algebra: a B x B distance matrix and masks
 no loop over samples, so it runs inside a compiled train step.
 """
 
-import keras
 import numpy as np
 from keras import ops
 
@@ -110,37 +109,6 @@ def triplet_loss(embeddings, labels, *, margin=0.2, majority=None, negatives="ma
     return loss, count
 
 
-@keras.saving.register_keras_serializable(package="lesionkeras")
-class TripletLoss(keras.losses.Loss):
-    """`triplet_loss` as a Keras loss: `y_true` are class indices, `y_pred` embeddings.
-
-    Args:
-        margin: float. Defaults to 0.2.
-        majority: int. Majority class index. Defaults to None.
-        negatives: str. `"majority"` or `"other"`. Defaults to `"majority"`.
-        normalize: bool. Defaults to True.
-    """
-
-    def __init__(self, margin=0.2, majority=None, negatives="majority", normalize=True,
-                 name="triplet", **kwargs):
-        super().__init__(name=name, **kwargs)
-        if negatives not in NEGATIVES:
-            raise ValueError(f"`negatives` must be one of {NEGATIVES}. Received: {negatives!r}")
-        if negatives == "majority" and majority is None:
-            raise ValueError("`negatives=\"majority\"` needs the `majority` class.")
-        self.margin, self.majority = float(margin), majority
-        self.negatives, self.normalize = negatives, bool(normalize)
-
-    def call(self, y_true, y_pred):
-        labels = ops.reshape(ops.cast(y_true, "int32"), (-1,))
-        return triplet_loss(y_pred, labels, margin=self.margin, majority=self.majority,
-                            negatives=self.negatives, normalize=self.normalize)[0]
-
-    def get_config(self):
-        return {**super().get_config(), "margin": self.margin, "majority": self.majority,
-                "negatives": self.negatives, "normalize": self.normalize}
-
-
 def nearest_class_mean_distances(queries, references, reference_labels, num_classes):
     """Mean Euclidean distance of each query to the reference embeddings of every class.
 
@@ -164,13 +132,6 @@ def nearest_class_mean_distances(queries, references, reference_labels, num_clas
     counts = ops.sum(onehot, axis=0)
     sums = ops.matmul(d, onehot)
     return ops.where(counts > 0, sums / ops.maximum(counts, 1.0), float("inf"))
-
-
-def nearest_class_mean_predict(queries, references, reference_labels, num_classes):
-    """Class index with the smallest mean distance (see `nearest_class_mean_distances`)."""
-    return ops.argmin(
-        nearest_class_mean_distances(queries, references, reference_labels, num_classes), axis=1
-    )
 
 
 # ---------------------------------------------------------------------- #

@@ -1,0 +1,1 @@
+"""Data: folder layouts to manifests, checks, the synthetic dataset, noise and missing labels, the tf.data pipeline."""

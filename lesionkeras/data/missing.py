@@ -7,7 +7,6 @@ path (`mask` for `lesion`, `attr_<name>` otherwise) and a flag
 
 Annotated / not annotated, when the manifest has no `annotated_<name>` column
 (the ISIC 2018 Task 2 rule):
-
 * no mask file (empty path cell)  -> not annotated (unknown);
 * an empty mask file               -> annotated, and the structure is absent,
   unless `empty_means_missing=True`, which makes it "not annotated".
@@ -19,7 +18,6 @@ assumes the structures exclude one another, as the organs of the paper do.
 Dermoscopic attributes do not: they lie inside the lesion and overlap each
 other. With `container="lesion"` (`smile.container`, the default for the
 lesion + attributes set) the known labels follow the nesting instead:
-
 * lesion not annotated: pixels of an annotated attribute are known lesion
   pixels (target 1, weight 1); everything else is unknown;
 * attribute not annotated, lesion annotated: pixels outside the lesion are
@@ -31,7 +29,6 @@ structure). Dropped annotations keep their path, so evaluation can use the
 full truth; only the flag changes, and `dropped_<name>` records it.
 
 Example:
-
 ```python
 df = annotate(layout.build_manifest("ISIC2018/"), ("lesion", "globules"))
 df = drop_annotations(df, ("lesion", "globules"), alpha=0.5, seed=0)
@@ -51,9 +48,9 @@ import pandas as pd
 import tensorflow as tf
 
 from lesionkeras.data import pipeline
-from lesionkeras.data.augment import Augmenter
 from lesionkeras.data.classes import ATTRIBUTES
 from lesionkeras.errors import ConfigError, DataError
+from lesionkeras.data import layout
 
 #: The default structures: the lesion, then the ISIC 2018 Task 2 attributes.
 DEFAULT_STRUCTURES = ("lesion",) + ATTRIBUTES
@@ -326,45 +323,18 @@ def make_dataset(
         container: int or None. Channel that encloses the others (see
             `nested_targets_and_weights`); None uses the paper's rule.
     """
-    norm = pipeline.normalizer(mean, std)
-    ds = decoded
-    n = int(decoded.cardinality())
-    if training:
-        ds = ds.shuffle(max(n, 1), seed=seed, reshuffle_each_iteration=True)
-    if crop_size:
-        if training:
-            ds = ds.map(lambda i, m, f: (*_random_crop(i, m, crop_size, seed), f))
-        else:
-            ds = ds.map(lambda i, m, f: (*_centre_crop(i, m, crop_size), f))
-    ds = ds.batch(batch_size, drop_remainder=training and n >= batch_size)
-    ds = ds.map(lambda i, m, f: (tf.cast(i, tf.float32), tf.cast(m, tf.float32), f))
-    if training and augment is not None:
-        aug = Augmenter(augment, seed=seed)
-        if aug.active:
-            ds = ds.map(lambda i, m, f: (*aug(i, m), f))
-
     def finish(i, m, f):
         if not with_weights:
-            return norm(i), m, tf.ones_like(m)
+            return i, m, tf.ones_like(m)
         if container is not None:
             m, w = nested_targets_and_weights(m, f, container)
-            return norm(i), m, w
-        return norm(i), m, smile_weights(m, f)
+            return i, m, w
+        return i, m, smile_weights(m, f)
 
-    ds = ds.map(finish, num_parallel_calls=pipeline.AUTOTUNE)
-    return ds.prefetch(pipeline.AUTOTUNE)
-
-
-def _random_crop(image, masks, size, seed):
-    both = tf.concat([image, masks], axis=-1)
-    channels = tf.shape(both)[-1]
-    both = tf.image.random_crop(both, tf.stack([size, size, channels]), seed=seed)
-    return both[..., :3], both[..., 3:]
-
-
-def _centre_crop(image, masks, size):
-    off = (tf.shape(image)[0] - size) // 2
-    return image[off : off + size, off : off + size], masks[off : off + size, off : off + size]
+    return pipeline.make_dataset(
+        decoded, batch_size=batch_size, mean=mean, std=std, training=training, augment=augment,
+        crop_size=crop_size, seed=seed, finish=finish,
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -394,8 +364,6 @@ def write_dropped(source, out_dir, *, alpha, seed, structures=DEFAULT_STRUCTURES
         The written manifest DataFrame.
     """
     from pathlib import Path
-
-    from lesionkeras.data import layout
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -30,6 +30,7 @@ noisy_mask(mask, "3-vertex", seed=0)   # uint8 0/1, a triangle inside the box
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import zlib
@@ -39,6 +40,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
+from lesionkeras.data import synthetic
 from lesionkeras.errors import ConfigError, DataError
 
 LEVELS = ("7-vertex", "3-vertex", "4-axis", "maximal")
@@ -384,3 +386,48 @@ def write_noisy_list(pairs, out_dir, level: str, seed: int = 0, band=None, progr
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _cache_key(*parts):
+    return hashlib.sha1("\n".join(map(str, parts)).encode()).hexdigest()[:12]
+
+
+def simulate_noise(df, level, clean_count, seed):
+    """Experiment mode: keeps `clean_count` training images clean, the rest noisy.
+
+    Noisy masks are written once to the cache (`synthetic.cache_root()/noisy-...`)
+    and reused by later runs with the same masks, level and seed.
+
+    Args:
+        df: manifest with `split` filled.
+        level: str. A `noise.LEVELS` entry.
+        clean_count: int. Clean training images, chosen at random (seeded).
+        seed: int.
+
+    Returns:
+        Copy of `df`: `clean` True for the clean training rows and every
+        validation row; noisy rows get the cached noisy mask in `mask` and
+        keep the true one in `true_mask`.
+    """
+    df = df.copy()
+    train = np.flatnonzero(df["split"].values == "train")
+    if not 0 < clean_count < len(train):
+        raise ConfigError(
+            f"`meta.clean_count` must be between 1 and {len(train) - 1} (the training images "
+            f"but one). Received: {clean_count}"
+        )
+    rng = np.random.default_rng(seed)
+    clean_rows = set(rng.choice(train, size=clean_count, replace=False).tolist())
+    noisy_rows = [i for i in train if i not in clean_rows]
+    masks = [df.at[i, "mask"] for i in noisy_rows]
+    key = _cache_key(level, seed, *masks)
+    folder = synthetic.cache_root() / f"noisy-{level}-seed{seed}-{key}"
+    names = [f"{i:06d}.png" for i in range(len(noisy_rows))]
+    if not folder.is_dir():
+        write_noisy_list(list(zip(masks, names)), folder, level, seed=seed)
+    df["true_mask"] = df["mask"]
+    df["clean"] = True
+    for i, name in zip(noisy_rows, names):
+        df.at[i, "mask"] = str(folder / name)
+        df.at[i, "clean"] = False
+    return df

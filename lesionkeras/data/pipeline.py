@@ -12,6 +12,7 @@ import pandas as pd
 import tensorflow as tf
 
 from lesionkeras.data.augment import Augmenter
+from lesionkeras.data.color import apply_color_constancy
 
 AUTOTUNE = tf.data.AUTOTUNE
 # ImageNet statistics on the 0-255 scale.
@@ -95,7 +96,6 @@ def decoded_dataset(
     `color_constancy` (`data.color_constancy`) is applied once to the resized
     image, before the cache, so it costs nothing per epoch.
     """
-    from lesionkeras.data.color import apply_color_constancy
 
     ds = tf.data.Dataset.from_tensor_slices(
         (df["image"].astype(str).tolist(), df["mask"].astype(str).tolist())
@@ -148,44 +148,56 @@ def make_dataset(
     crop_size: int = 0,
     seed: int = 0,
     shuffle_buffer: int | None = None,
+    repeat: bool = False,
+    finish=None,
 ):
-    """Batched `(normalised image float32, mask float32)` pairs for fit/evaluate.
+    """Batched `(normalised image float32, masks float32, *rest)` for fit/evaluate.
+
+    The one batch builder of the package: `decoded` yields `(image uint8, masks
+    uint8[, rest...])` (one mask channel for Task 1, K for SMILE with their
+    annotation flags as `rest`); the noisy and clean streams of the reweighting
+    methods and SMILE's batches all come from here.
 
     Args:
-        decoded: dataset from `decoded_dataset`.
+        decoded: dataset from `decoded_dataset` (or `missing.decoded_dataset`).
         batch_size: int. Global batch size.
         mean, std: per-channel statistics on the 0-255 scale.
         training: bool. Shuffle, random crop and augmentation when True.
         augment: `AugmentConfig` or None.
         crop_size: int. Random crop (training) or centre crop (otherwise) side; 0 = off.
         seed: int. Seed of shuffling, cropping and augmentation.
+        shuffle_buffer: int or None. Defaults to the whole dataset.
+        repeat: bool. Repeat forever (full batches only), e.g. a clean stream.
+        finish: callable(image, masks, *rest) -> element, or None. Last step on each
+            batch, given the normalised images (default: `(image, masks, *rest)`).
     """
     norm = normalizer(mean, std)
     ds = decoded
+    n = int(decoded.cardinality())
     if training:
-        n = int(decoded.cardinality())
         ds = ds.shuffle(shuffle_buffer or max(n, 1), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
     if crop_size:
         if training:
             # Sequential on purpose: random ops in a parallel map draw in a
             # racy order, which would make runs irreproducible.
-            ds = ds.map(lambda i, m: _random_crop(i, m, crop_size, seed))
+            ds = ds.map(lambda i, m, *rest: (*random_crop(i, m, crop_size, seed), *rest))
         else:
-            ds = ds.map(lambda i, m: _centre_crop(i, m, crop_size))
-    if training:
-        n = int(decoded.cardinality())
-        # A last batch of one image breaks batch-norm statistics; drop it.
-        ds = ds.batch(batch_size, drop_remainder=n >= batch_size)
-    else:
-        ds = ds.batch(batch_size)
-    ds = ds.map(lambda i, m: (tf.cast(i, tf.float32), tf.cast(m, tf.float32)))
+            ds = ds.map(lambda i, m, *rest: (*centre_crop(i, m, crop_size), *rest))
+    # A last batch of one image breaks batch-norm statistics; drop it.
+    ds = ds.batch(batch_size, drop_remainder=repeat or (training and n >= batch_size))
+    ds = ds.map(lambda i, m, *rest: (tf.cast(i, tf.float32), tf.cast(m, tf.float32), *rest))
     if training and augment is not None:
         aug = Augmenter(augment, seed=seed)
         if aug.active:
             # Sequential for reproducibility (see above); it works on whole
             # batches, so one call per batch is cheap.
-            ds = ds.map(aug)
-    ds = ds.map(lambda i, m: (norm(i), m), num_parallel_calls=AUTOTUNE)
+            ds = ds.map(lambda i, m, *rest: (*aug(i, m), *rest))
+    if finish is None:
+        ds = ds.map(lambda i, m, *rest: (norm(i), m, *rest), num_parallel_calls=AUTOTUNE)
+    else:
+        ds = ds.map(lambda i, m, *rest: finish(norm(i), m, *rest), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
 
 
@@ -224,18 +236,18 @@ def validation_batches(n: int, batch_size: int, replicas: int = 1, log=print):
     return keep, replicas
 
 
-def _random_crop(image, mask, size, seed):
-    both = tf.concat([image, mask], axis=-1)
-    both = tf.image.random_crop(both, (size, size, 4), seed=seed)
+def random_crop(image, masks, size, seed):
+    """The same random `size` x `size` window of `image` and its mask channels."""
+    both = tf.concat([image, masks], axis=-1)
+    channels = both.shape[-1] if both.shape[-1] is not None else tf.shape(both)[-1]
+    both = tf.image.random_crop(both, tf.stack([size, size, channels]), seed=seed)
     return both[..., :3], both[..., 3:]
 
 
-def _centre_crop(image, mask, size):
+def centre_crop(image, masks, size):
+    """The centre `size` x `size` window of `image` and its mask channels."""
     off = (tf.shape(image)[0] - size) // 2
-    return (
-        image[off : off + size, off : off + size],
-        mask[off : off + size, off : off + size],
-    )
+    return image[off : off + size, off : off + size], masks[off : off + size, off : off + size]
 
 
 def assign_splits(

@@ -27,7 +27,9 @@ import keras
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lesionkeras.data import pipeline
+from lesionkeras.training import method as method_lib
+from lesionkeras.training.method import RunData
+from lesionkeras.training.segmentation import SegmentationMethod, build_model, compile_plain
 
 
 @dataclasses.dataclass
@@ -196,26 +198,13 @@ def plot(result, path, size=(640, 420)):
 
 
 def train_dataset(cfg):
-    """The training batches of `cfg` (augmented, normalised) and the statistics used."""
-    from lesionkeras.trainers import run
-
-    df, _ = run.prepare_data(cfg)
-    train_df = df[df["split"] == "train"].reset_index(drop=True)
-    d = cfg.data
-    decoded = pipeline.decoded_dataset(
-        train_df, d.image_size, cache=d.cache, color_constancy=d.color_constancy
-    )
-    if d.mean and d.std:
-        mean, std = d.mean, d.std
-    elif d.normalize == "imagenet":
-        mean, std = pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD
-    else:
-        mean, std = pipeline.compute_stats(decoded)
-    ds = pipeline.make_dataset(
-        decoded, batch_size=cfg.train.batch_size, mean=mean, std=std, training=True,
-        augment=cfg.augment, crop_size=d.crop_size, seed=cfg.seed,
-    )
-    return ds, len(train_df)
+    """The training batches of `cfg` (augmented, normalised) and the training image count."""
+    method = SegmentationMethod(cfg)
+    method.check()
+    df, _ = method_lib.create(cfg).manifest()  # the method's own data (e.g. simulated noise)
+    data = RunData(df[df["split"] == "train"].reset_index(drop=True), df.iloc[:0])
+    method.prepare(data)
+    return method.train_dataset(data), len(data.train_df)
 
 
 def run_lr_find(cfg, out_dir, *, min_lr=1e-7, max_lr=10.0, steps=100):
@@ -224,13 +213,10 @@ def run_lr_find(cfg, out_dir, *, min_lr=1e-7, max_lr=10.0, steps=100):
     Writes `out_dir/lr_find.csv` and `out_dir/lr_find.png` and returns the
     `LRFindResult`. The schedule of `cfg` is ignored (the test drives the rate).
     """
-    from lesionkeras.trainers import baseline, run
-
-    run._check_sizes(cfg)
     keras.utils.set_random_seed(cfg.seed)
     ds, _ = train_dataset(cfg)
     cfg = cfg.override({"train.schedule": "constant"})
-    model = baseline.build(cfg)
+    model = compile_plain(build_model(cfg), cfg)
     result = lr_range_test(model, ds, min_lr=min_lr, max_lr=max_lr, steps=steps)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,9 @@ resumed from its backup, so an experiment stopped with Ctrl-C continues where
 it stopped when the same command is run again.
 
 Example:
-
 ```python
-from lesionkeras import config, experiments
+from lesionkeras import config
+from lesionkeras.experiments import noisy as experiments
 
 cfg = config.load_config("configs/baseline.toml", {"data.image_size": 96, "train.epochs": 8})
 table = experiments.noise_table(cfg, "runs/table1", clean_count=100)
@@ -32,6 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from lesionkeras.data import noise
+from lesionkeras.training import run
 
 TABLE_METHODS = ("finetune", "meta")
 CURVE_METHODS = ("finetune", "image-reweight", "meta")
@@ -39,7 +40,6 @@ CURVE_METHODS = ("finetune", "image-reweight", "meta")
 
 def run_cell(cfg, run_dir: Path, log):
     """Trains (or resumes, or reads) one run; returns its `metrics.json` dict."""
-    from lesionkeras.trainers import run
 
     done = run_dir / "metrics.json"
     if done.exists():

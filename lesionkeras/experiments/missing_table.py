@@ -8,7 +8,6 @@ ordinary `fit` run (`OUT/runs/<method>-a<alpha>/`) and gathers the
 validation Dice of each structure (the validation split keeps every label).
 
 Example:
-
 ```python
 table = missing_table("tables/smile", alphas=(0.0, 0.5, 0.7),
                       overrides={"train.epochs": 10, "data.image_size": 128})
@@ -25,6 +24,7 @@ import pandas as pd
 from lesionkeras import config as config_lib
 from lesionkeras.data import missing
 from lesionkeras.errors import ConfigError
+from lesionkeras.experiments.noisy import run_cell
 
 METHODS = ("multiclass", "smile", "smiler")
 
@@ -56,7 +56,6 @@ def missing_table(out, *, alphas=(0.0, 0.5, 0.7), methods=METHODS, config=None,
     Raises:
         ConfigError: a bad method or alpha.
     """
-    from lesionkeras.experiments import run_cell
 
     out = Path(out)
     bad = [m for m in methods if m not in METHODS]

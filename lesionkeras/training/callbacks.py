@@ -5,6 +5,8 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
+from lesionkeras.errors import TrainingError
+from lesionkeras.models.segan import AdaptiveLogistic
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -40,7 +42,6 @@ class StopOnNaN(keras.callbacks.Callback):
 
     def raise_if_stopped(self, run_dir):
         """Raises `TrainingError` (exit code 1) naming the run and the batch, if it stopped."""
-        from lesionkeras.errors import TrainingError
 
         if self.where:
             epoch, batch = self.where
@@ -123,8 +124,6 @@ class AnnealLogisticK(keras.callbacks.Callback):
         self._k = None
 
     def _layers(self):
-        from lesionkeras.models.segan import AdaptiveLogistic
-
         found, stack = [], [self.model]
         while stack:
             layer = stack.pop()
@@ -132,9 +131,8 @@ class AnnealLogisticK(keras.callbacks.Callback):
                 found.append(layer)
             if isinstance(layer, keras.Model):
                 stack.extend(layer.layers)
-            for attr in ("segmentor", "network"):
-                if isinstance(getattr(layer, attr, None), keras.Model):
-                    stack.append(getattr(layer, attr))
+            if isinstance(getattr(layer, "network", None), keras.Model):
+                stack.append(layer.network)
         return found
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -145,3 +143,32 @@ class AnnealLogisticK(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and self._k is not None:
             logs["logistic_k"] = self._k
+
+
+class SaveCheckpoints(keras.callbacks.Callback):
+    """Saves the trained network: `best` when `monitor` improves, `last` every epoch.
+
+    A wrapper model (a custom training step around a network) saves its
+    `network` only, so the files load with `keras.saving.load_model` and
+    predict like any plain model.
+
+    Args:
+        best: path. Best checkpoint. last: path. Last epoch.
+        monitor: str. Log key to maximise (its name without `val_` when absent).
+        initial_best: float or None. Best value so far (a resumed run: only a better
+            epoch replaces its `best`). Defaults to None.
+    """
+
+    def __init__(self, best, last, monitor, initial_best=None):
+        super().__init__()
+        self.best_path, self.last_path, self.monitor = str(best), str(last), monitor
+        self.best = -float("inf") if initial_best is None else float(initial_best)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        value = logs.get(self.monitor, logs.get(self.monitor.replace("val_", "")))
+        network = getattr(self.model, "network", self.model)
+        if value is not None and float(value) > self.best:
+            self.best = float(value)
+            network.save(self.best_path)
+        network.save(self.last_path)

@@ -30,17 +30,102 @@ for placeholder tensor", keras-team/keras#20164).
 
 from __future__ import annotations
 
+import dataclasses
 import keras
 import numpy as np
 import tensorflow as tf
 
+from lesionkeras import config
 from lesionkeras import losses as losses_lib
 from lesionkeras import metrics as metrics_lib
-from lesionkeras.callbacks import AnnealLogisticK
-from lesionkeras.distribute import replicas_in_sync
+from lesionkeras.training.callbacks import AnnealLogisticK
+from lesionkeras.training import compat, method
+from lesionkeras.training.method import WrapsNetwork
+from lesionkeras.training.segmentation import SegmentationMethod
+from lesionkeras.training.distribute import replicas_in_sync
 from lesionkeras.errors import ConfigError
 from lesionkeras.models.critic import build_critic
-from lesionkeras.trainers import baseline
+from lesionkeras.models.segan import decoder_kernels
+from lesionkeras.training import segmentation
+
+
+@dataclasses.dataclass(frozen=True)
+class SeganConfig:
+    clip: float = config.field(
+        0.05, "segan: critic weights are clamped to [-clip, clip] after each critic step.",
+        minimum=0.0,
+    )
+    critic_blocks: int = config.field(5, "segan: global-convolution blocks of the critic.", minimum=1)
+    critic_filters: int = config.field(
+        16, "segan: filters of the first critic block (doubled per block, at most 128).",
+        minimum=1,
+    )
+    critic: str = config.field(
+        "isbi2018",
+        "segan: critic form, `isbi2018` (Xue et al. ISBI 2018: leaky ReLU, kernels of the "
+        "segmentor's decoder in reverse, 7, 9, 11, ...) or `isic2018` (their ISIC 2018 report: "
+        "ReLU, `critic_kernel` in every block).",
+        choices=("isbi2018", "isic2018"),
+    )
+    critic_kernel: int = config.field(
+        9, "segan: k of the `isic2018` critic's 1 x k + k x 1 convolutions.", minimum=1
+    )
+    k_decay: float = config.field(
+        0.9, "segan: adaptive logistic k is multiplied by this every `k_every` epochs.",
+        minimum=0.0,
+    )
+    k_every: int = config.field(25, "segan: epochs between two decays of k.", minimum=1)
+    k_floor: float = config.field(0.3, "segan: smallest k.", minimum=0.0)
+    supervised_loss: str = config.field(
+        "",
+        "segan: extra supervised term of the segmentor (empty = off, the paper).",
+        choices=("", "bce", "dice", "jaccard", "bce+dice", "bce+jaccard"),
+    )
+    supervised_weight: float = config.field(1.0, "segan: weight of the supervised term.", minimum=0.0)
+    warmup_epochs: int = config.field(
+        0, "segan: first epochs trained on the supervised term alone (critic still trained).",
+        minimum=0,
+    )
+    hard_mining_weight: float = config.field(
+        0.0, "segan: weight of the hard-mining term, the mean soft-Dice loss of the "
+        "`hard_mining_count` worst images of the batch (ISIC 2018 report; 0 = off).",
+        minimum=0.0,
+    )
+    hard_mining_count: int = config.field(
+        5, "segan: images per batch (per replica) in the hard-mining term.", minimum=1
+    )
+    threshold_search: bool = config.field(
+        True,
+        "segan: after training, grid-search `train.threshold` (0.05-0.95) for the best mean "
+        "validation `threshold_metric` and store it in the run config.",
+    )
+    threshold_metric: str = config.field(
+        "jaccard",
+        "segan: what the threshold search maximises: mean per-image `jaccard` (ISIC 2017), "
+        "`threshold_jaccard` (ISIC 2018: below 0.65 an image counts 0) or `dice`.",
+        choices=("jaccard", "threshold_jaccard", "dice"),
+    )
+
+
+def check_section(cfg, origin):
+    """Cross-key rules of `[segan]`."""
+    sg = cfg.segan
+    for key, ok, rule in (
+        ("clip", sg.clip > 0, "> 0"),
+        ("k_decay", 0 < sg.k_decay <= 1, "in (0, 1]"),
+        ("k_floor", 0 < sg.k_floor <= 1, "in (0, 1]"),
+    ):
+        if not ok:
+            raise ConfigError(
+                f"{origin}: `segan.{key}` must be {rule}. Received: {getattr(sg, key)}"
+            )
+    if sg.warmup_epochs and not sg.supervised_loss:
+        raise ConfigError(
+            f"{origin}: `segan.warmup_epochs` needs a `segan.supervised_loss` to train on"
+        )
+
+
+config.register_section("segan", SeganConfig, check_section)
 
 
 def clamp_variables(variables, clip):
@@ -58,20 +143,18 @@ def clamp_variables(variables, clip):
             v = v.value if isinstance(v, keras.Variable) else v
             strategy.extended.update(v, clamp, group=False)
 
-    tf.__internal__.distribute.interim.maybe_merge_call(
-        clamp_all, tf.distribute.get_strategy(), variables
-    )
+    compat.merge_call(clamp_all, variables)
 
 
 @keras.saving.register_keras_serializable(package="lesionkeras")
-class SegANTrainer(keras.Model):
+class SegANTrainer(WrapsNetwork, compat.NoSymbolicBuildOnMultiWorker, keras.Model):
     """Trains a segmentor against a multi-scale L1 critic (SegAN).
 
     `save` writes the segmentor alone, so the `.keras` checkpoints are
     ordinary segmentation models for `evaluate` and `predict`.
 
     Args:
-        segmentor: keras.Model. Images (B, H, W, C) -> logits (B, H, W, K).
+        network: keras.Model. The segmentor: images (B, H, W, C) -> logits (B, H, W, K).
         critic: keras.Model. Masked images (B, H, W, K * C) -> list of feature maps.
         clip: float > 0. Critic weights are clamped to [-clip, clip] after
             each critic step (paper: 0.05). Defaults to 0.05.
@@ -95,13 +178,13 @@ class SegANTrainer(keras.Model):
     """
 
     def __init__(
-        self, segmentor, critic, clip=0.05, supervised_loss="", supervised_weight=1.0,
+        self, network, critic, clip=0.05, supervised_loss="", supervised_weight=1.0,
         threshold=0.5, hard_mining_weight=0.0, hard_mining_count=5, **kwargs,
     ):
         super().__init__(**kwargs)
         if not clip > 0:
             raise ValueError(f"`clip` must be > 0. Received: clip={clip}")
-        self.segmentor = segmentor
+        self.network = network
         self.critic = critic
         self.clip = float(clip)
         self.supervised_loss = supervised_loss
@@ -155,28 +238,13 @@ class SegANTrainer(keras.Model):
         super().compile(optimizer=seg_optimizer, jit_compile=jit_compile, **kwargs)
         self.critic_optimizer = critic_optimizer
         # Built here, in the caller's strategy scope, before `fit` (keras#20164).
-        seg_optimizer.build(self.segmentor.trainable_variables)
+        seg_optimizer.build(self.network.trainable_variables)
         critic_optimizer.build(self.critic.trainable_variables)
 
-    def call(self, inputs, training=False):
-        return self.segmentor(inputs, training=training)
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras' TF trainer reduces the first (x, y) batch with `strategy.reduce`
-        # on the whole tuple, which MultiWorkerMirroredStrategy's collective ops
-        # reject ("Attempt to convert a value (PerReplica ...)"). Both networks
-        # and both optimisers are built by `compile`, so there is nothing to build.
-        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            return
-        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-
-    def save(self, filepath, *args, **kwargs):
-        """Saves the segmentor alone (what evaluate/predict load)."""
-        return self.segmentor.save(filepath, *args, **kwargs)
 
     def get_config(self):
         return {
-            "segmentor": keras.saving.serialize_keras_object(self.segmentor),
+            "network": keras.saving.serialize_keras_object(self.network),
             "critic": keras.saving.serialize_keras_object(self.critic),
             "clip": self.clip,
             "supervised_loss": self.supervised_loss,
@@ -189,7 +257,9 @@ class SegANTrainer(keras.Model):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        for key in ("segmentor", "critic"):
+        if "segmentor" in config:  # runs saved before the rename
+            config["network"] = config.pop("segmentor")
+        for key in ("network", "critic"):
             config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
 
@@ -231,9 +301,9 @@ class SegANTrainer(keras.Model):
     def train_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         y = tf.cast(y, tf.float32)
-        seg_vars = self.segmentor.trainable_variables
+        seg_vars = self.network.trainable_variables
         with tf.GradientTape() as tape:
-            logits = self.segmentor(x, training=True)
+            logits = self.network(x, training=True)
             probs = tf.sigmoid(tf.cast(logits, tf.float32))
         critic_loss = self.critic_step(x, probs, y)
         critic_state = (
@@ -267,7 +337,7 @@ class SegANTrainer(keras.Model):
     def test_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         y = tf.cast(y, tf.float32)
-        logits = self.segmentor(x, training=False)
+        logits = self.network(x, training=False)
         probs = tf.sigmoid(tf.cast(logits, tf.float32))
         adversarial = self.multiscale_loss(x, probs, y, training=False)
         total = self.adversarial_weight * adversarial
@@ -328,13 +398,16 @@ def build(cfg, steps_per_epoch=None):
     """The compiled `SegANTrainer` for `cfg` (call inside the strategy scope)."""
     check_config(cfg)
     s = cfg.segan
-    segmentor = baseline.build_model(cfg)
+    segmentor = segmentation.build_model(cfg)
+    isbi = s.critic == "isbi2018"
     critic = build_critic(
         (None, None, 3 * segmentor.output_shape[-1]), blocks=s.critic_blocks,
-        filters=s.critic_filters, kernel_size=s.critic_kernel,
+        filters=s.critic_filters,
+        kernel_size=isbi_critic_kernels(s.critic_blocks) if isbi else s.critic_kernel,
+        leaky=isbi,
     )
-    seg_optimizer = baseline.make_optimizer(cfg.train, steps_per_epoch)
-    critic_optimizer = baseline.make_optimizer(cfg.train, steps_per_epoch)
+    seg_optimizer = segmentation.make_optimizer(cfg.train, steps_per_epoch)
+    critic_optimizer = segmentation.make_optimizer(cfg.train, steps_per_epoch)
     # Compiled too, so that its saved checkpoints load and evaluate as the baseline's do.
     segmentor.compile(
         optimizer=seg_optimizer,
@@ -350,11 +423,24 @@ def build(cfg, steps_per_epoch=None):
     return model
 
 
+def isbi_critic_kernels(blocks):
+    """The ISBI critic's kernels, finest block first: the segmentor decoder's, reversed.
+
+    Xue et al. (ISBI 2018), Fig. 1: the critic "has the similar structure as the
+    decoder in S, but with direction in reverse"; the decoder runs 11, 9, 7 from
+    coarse to fine, so the critic runs 7, 9, 11 (then 11) from fine to coarse.
+    """
+    return tuple(reversed(decoder_kernels(blocks)))
+
+
 THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
 
-def search_threshold(model, dataset, grid=THRESHOLD_GRID):
-    """Grid search of the probability threshold that maximises mean per-image Jaccard.
+THRESHOLD_METRICS = ("jaccard", "threshold_jaccard", "dice")
+
+
+def search_threshold(model, dataset, grid=THRESHOLD_GRID, metric="jaccard"):
+    """Grid search of the probability threshold that maximises a mean per-image score.
 
     The paper picks its final threshold (0.4 with k = 0.3) this way on validation.
     An image whose truth and prediction are both empty scores 1, as in `metrics`.
@@ -363,10 +449,14 @@ def search_threshold(model, dataset, grid=THRESHOLD_GRID):
         model: keras.Model. Returns logits.
         dataset: iterable of (images, masks) batches.
         grid: sequence of float in (0, 1). Thresholds tried. Defaults to 0.05, ..., 0.95.
+        metric: str. `"jaccard"` (ISIC 2017), `"threshold_jaccard"` (ISIC 2018: an
+            image's Jaccard counts 0 below 0.65) or `"dice"`. Defaults to `"jaccard"`.
 
     Returns:
-        (best threshold, {threshold: mean Jaccard}); ties go to the one nearest 0.5.
+        (best threshold, {threshold: mean score}); ties go to the one nearest 0.5.
     """
+    if metric not in THRESHOLD_METRICS:
+        raise ValueError(f"`metric` must be one of {THRESHOLD_METRICS}. Received: {metric!r}")
     grid = np.asarray(grid, np.float64)
     totals, count = np.zeros(len(grid)), 0
     for x, y in dataset:
@@ -375,9 +465,13 @@ def search_threshold(model, dataset, grid=THRESHOLD_GRID):
         pred = probs[None] >= grid[:, None, None, None, None]  # (T, B, H, W, K)
         inter = np.logical_and(pred, truth[None]).sum(axis=(2, 3))
         union = np.logical_or(pred, truth[None]).sum(axis=(2, 3))
-        jac = np.where(union == 0, 1.0, inter / np.maximum(union, 1))  # (T, B, K)
-        totals += jac.mean(axis=2).sum(axis=1)
-        count += jac.shape[1]
+        score = np.where(union == 0, 1.0, inter / np.maximum(union, 1))  # Jaccard (T, B, K)
+        if metric == "dice":
+            score = 2.0 * score / (1.0 + score)
+        elif metric == "threshold_jaccard":
+            score = np.where(score >= metrics_lib.ISIC_JACCARD_FLOOR, score, 0.0)
+        totals += score.mean(axis=2).sum(axis=1)
+        count += score.shape[1]
     if not count:
         raise ValueError("search_threshold: the dataset is empty.")
     scores = totals / count
@@ -393,9 +487,10 @@ def after_fit(cfg, model, val_ds, log=print):
     """
     if not cfg.segan.threshold_search:
         return cfg, model
-    threshold, scores = search_threshold(model, val_ds)
+    metric = cfg.segan.threshold_metric
+    threshold, scores = search_threshold(model, val_ds, metric=metric)
     log(f"threshold search on validation: {threshold:.2f} "
-        f"(mean Jaccard {scores[threshold]:.4f}; at {cfg.train.threshold:.2f}: "
+        f"(mean {metric} {scores[threshold]:.4f}; at {cfg.train.threshold:.2f}: "
         f"{scores.get(round(cfg.train.threshold, 2), float('nan')):.4f})")
     model.compile(
         loss=model.loss,
@@ -411,3 +506,26 @@ def callbacks(cfg):
     if s.warmup_epochs:
         out.append(AdversarialWarmup(s.warmup_epochs))
     return out
+
+
+@method.register
+class Segan(SegmentationMethod):
+    """Segmentor against a multi-scale L1 critic (Xue, Xu, Huang 2018; ISIC 2018 report)."""
+
+    name = "segan"
+    default_model = "segan"
+    freezes_encoder = True
+
+    def check(self):
+        super().check()
+        check_config(self.cfg)
+
+    def build(self, data, steps_per_epoch):
+        return build(self.cfg, steps_per_epoch)
+
+    def method_callbacks(self, data):
+        return callbacks(self.cfg)
+
+    def after_fit(self, best, val_ds, data, log):
+        self.cfg, best = after_fit(self.cfg, best, val_ds, log)
+        return best

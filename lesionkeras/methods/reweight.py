@@ -30,29 +30,72 @@ clean pass at `theta_hat` is virtual and its statistics are discarded.
 
 from __future__ import annotations
 
-import hashlib
 
+import dataclasses
 import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from lesionkeras import config
+from lesionkeras import losses
 from lesionkeras import metrics as metrics_lib
-from lesionkeras.data import noise, pipeline
+from lesionkeras.data import pipeline
+from lesionkeras.data.noise import simulate_noise
 from lesionkeras.data import layout, sources
-from lesionkeras.data.augment import Augmenter
 from lesionkeras.errors import ConfigError, DataError
-from lesionkeras.trainers import baseline
+from lesionkeras.models.blocks import make_second_order_exact
+from lesionkeras.models.second_order import second_order_blockers
+from lesionkeras.training import method, segmentation
+from lesionkeras.training.method import Stage, WrapsNetwork
+from lesionkeras.training.segmentation import SegmentationMethod
+
+@dataclasses.dataclass(frozen=True)
+class MetaConfig:
+    meta_grad: str = config.field(
+        "forward",
+        "meta: how eq. 7 is differentiated: `forward` (closed form at W0 = 0, one "
+        "forward-mode pass; the default, faster and lighter) or `nested` tapes (the reference).",
+        choices=("nested", "forward"), flag=True)
+    clean_batch_size: int = config.field(10, "meta: clean images per step (paper: 10).", minimum=1, flag=True)
+    simulate_noise: str = config.field(
+        "",
+        "meta: experiment mode, replace the masks of all training images but `clean_count` "
+        "by this polygon noise (`7-vertex`, `3-vertex`, `4-axis`, `maximal`; empty = off).",
+        choices=("", "7-vertex", "3-vertex", "4-axis", "maximal"), flag=True)
+    clean_count: int = config.field(
+        16, "meta: clean training images kept by `simulate_noise`.", minimum=1, flag=True)
+    clean_in_noisy: bool = config.field(
+        True,
+        "meta, image-reweight, finetune: the clean training images also train in the noisy "
+        "stream, with their clean masks (the paper's D^c in D^n); false = noisy images only.", flag=True)
+    noisy_data: str = config.field("", "meta: folder of images with noisy masks (real use).", flag=True)
+    clean_data: str = config.field(
+        "", "meta: folder of images with clean masks (real use; also gives the validation split).", flag=True)
+    finetune_epochs: int = config.field(
+        10, "finetune (and meta with `then_finetune`): epochs on the clean images after "
+        "`train.epochs` on the noisy ones.",
+        minimum=1, flag=True)
+    then_finetune: bool = config.field(
+        False, "meta, image-reweight: after `train.epochs` of meta-training, fine-tune on the "
+        "clean images for `finetune_epochs` at `finetune_lr` (the fine-tuning baseline's stage).", flag=True)
+    finetune_lr: float = config.field(
+        0.0, "finetune: learning rate of the clean stage (0 = train.lr / 10).", minimum=0.0, flag=True)
+    weight_image_every: int = config.field(
+        5, "meta: write the weight maps (and with simulated noise the Fig. 3 overlay) to "
+        "TensorBoard every N epochs (0 = never).", minimum=0,
+    )
+
+
+config.register_section("meta", MetaConfig)
+
 
 META_GRADS = ("nested", "forward")
 GRANULARITIES = ("pixel", "image")
 
 
-def pixel_bce(y_true, logits):
-    """Per-pixel sigmoid cross-entropy from logits, float32, same shape as the inputs."""
-    z = tf.cast(y_true, tf.float32)
-    x = tf.cast(logits, tf.float32)
-    return tf.nn.relu(x) - x * z + tf.math.log1p(tf.exp(-tf.abs(x)))
+# Per-pixel sigmoid cross-entropy from logits, float32 (the package's one BCE).
+pixel_bce = losses.pixel_binary_crossentropy
 
 
 def normalize_weights(u):
@@ -85,7 +128,7 @@ def _all_reduce_mean(tensors):
 
 
 @keras.saving.register_keras_serializable(package="lesionkeras")
-class MetaReweighter(keras.Model):
+class MetaReweighter(WrapsNetwork, keras.Model):
     """Trains a segmentation network with meta-learned pixel weights.
 
     Wraps `network` (logits out); `save` writes the plain network, so the
@@ -121,7 +164,12 @@ class MetaReweighter(keras.Model):
                 f"`granularity` must be one of {GRANULARITIES}. "
                 f"Received: granularity={granularity!r}"
             )
+        # Eq. 7 differentiates a gradient; the fused batch-norm kernel's second
+        # derivative is wrong on degenerate channels (see make_second_order_exact).
+        make_second_order_exact(network)
         self.network = network
+        # True during a clean fine-tuning stage (`meta.then_finetune`): plain steps.
+        self.plain = False
         self.meta_grad = meta_grad
         self.granularity = granularity
         self.threshold = threshold
@@ -141,12 +189,6 @@ class MetaReweighter(keras.Model):
             self.zero_fraction_tracker, self.zero_steps_tracker, *self.seg_metrics,
         ]
 
-    def call(self, inputs, training=False):
-        return self.network(inputs, training=training)
-
-    def save(self, filepath, *args, **kwargs):
-        """Saves the plain segmentation network (what evaluate/predict load)."""
-        return self.network.save(filepath, *args, **kwargs)
 
     def get_config(self):
         return {
@@ -186,10 +228,12 @@ class MetaReweighter(keras.Model):
 
         Returns:
             dict of tensors: `weights` (B, H, W, 1), or (B, 1, 1, 1) with
-            `granularity="image"`, >= 0, summing to 1 over the global batch; `any_positive` (bool); `clean_loss` (eq. 2 at theta_hat).
+            `granularity="image"`, >= 0, summing to 1 over the global batch;
+            `scores`, the unnormalised `U` of eq. 7 (same shape, any sign);
+            `any_positive` (bool); `clean_loss` (eq. 2 at theta_hat).
         """
         out, _ = self._meta_pass(x_noisy, y_noisy, x_clean, y_clean)
-        return {k: out[k] for k in ("weights", "any_positive", "clean_loss")}
+        return {k: out[k] for k in ("weights", "scores", "any_positive", "clean_loss")}
 
     def _meta_pass(self, x_noisy, y_noisy, x_clean, y_clean):
         """Eq. 6-8, keeping what the real step needs.
@@ -204,11 +248,13 @@ class MetaReweighter(keras.Model):
         variables = net.trainable_variables
         theta = [tf.convert_to_tensor(v) for v in variables]
         non_trainable = [tf.convert_to_tensor(v) for v in net.non_trainable_variables]
-        alpha = self._learning_rate()
+        # float32, or float64 for a float64 network (the tests' numerical references).
+        dtype = tf.float64 if theta[0].dtype == tf.float64 else tf.float32
+        alpha = tf.cast(self._learning_rate(), dtype)
         eta = alpha
         if self.meta_grad == "nested":
             # One zero weight per pixel, or per image (the shape of the example loss).
-            w0 = self._example_loss(tf.zeros_like(tf.cast(y_noisy, tf.float32)))
+            w0 = self._example_loss(tf.zeros_like(tf.cast(y_noisy, dtype)))
             # The outer tape records the inner gradient, so the virtual step
             # (eq. 6) can be differentiated with respect to the weights.
             with tf.GradientTape(persistent=True) as tape:
@@ -253,9 +299,10 @@ class MetaReweighter(keras.Model):
             # At W0 = 0, theta_hat = theta - alpha * sum_p w_p grad l_p, so
             # dLc/dw_p = -alpha <grad l_p, grad Lc> and U = eta * alpha * directional.
             u = eta * alpha * directional
-        weights, positive = normalize_weights(tf.stop_gradient(u))
+        u = tf.stop_gradient(u)
+        weights, positive = normalize_weights(u)
         out = {
-            "weights": weights, "any_positive": positive, "pixel_loss": pixel_loss,
+            "scores": u, "weights": weights, "any_positive": positive, "pixel_loss": pixel_loss,
             "example_loss": example_loss,
             "clean_loss": clean_loss, "non_trainable": new_nt, "theta": theta,
             "logits": logits,
@@ -268,6 +315,8 @@ class MetaReweighter(keras.Model):
 
     def train_step(self, data):
         data, _, _ = keras.utils.unpack_x_y_sample_weight(data)  # fit: dict; train_on_batch: (dict,)
+        if self.plain:
+            return self._plain_step(data["noisy_image"], data["noisy_mask"])
         x_noisy, y_noisy = data["noisy_image"], data["noisy_mask"]
         x_clean, y_clean = data["clean_image"], data["clean_mask"]
         out, tape = self._meta_pass(x_noisy, y_noisy, x_clean, y_clean)
@@ -298,6 +347,23 @@ class MetaReweighter(keras.Model):
         )
         for m in self.seg_metrics:
             m.update_state(y_noisy, out["logits"])
+        return {m.name: m.result() for m in self.metrics}
+
+    def _plain_step(self, x, y):
+        """Plain training on mean BCE (the clean fine-tuning stage after meta-training)."""
+        variables = self.network.trainable_variables
+        with tf.GradientTape() as tape:
+            logits = self.network(x, training=True)
+            loss = tf.reduce_mean(pixel_bce(y, logits))
+            ctx = tf.distribute.get_replica_context()
+            scaled = loss / (ctx.num_replicas_in_sync if ctx is not None else 1)
+        self.optimizer.apply(tape.gradient(scaled, variables), variables)
+        self.loss_tracker.update_state(loss)
+        self.noisy_loss_tracker.update_state(loss)
+        for m in self.seg_metrics:
+            m.update_state(y, logits)
+        # Every key of a meta step (history.csv keeps one set of columns); the clean
+        # loss and the zero-weight counts of a plain step stay 0.
         return {m.name: m.result() for m in self.metrics}
 
     def _apply_if(self, positive, grads, variables):
@@ -341,14 +407,12 @@ def build(cfg, steps_per_epoch=None):
 
     `method = "meta"` weighs pixels, `method = "image-reweight"` images.
     """
-    from lesionkeras import losses
-
     if cfg.train.mixed_precision:
         raise ConfigError(
             f"`train.mixed_precision` is not supported by `method = \"{cfg.method}\"`"
         )
-    network = baseline.build_model(cfg)
-    optimizer = baseline.make_optimizer(cfg.train, steps_per_epoch)
+    network = segmentation.build_model(cfg)
+    optimizer = segmentation.make_optimizer(cfg.train, steps_per_epoch)
     # The network is compiled too (same optimiser), so that its saved
     # checkpoints load and evaluate as the baseline's do.
     network.compile(
@@ -361,56 +425,32 @@ def build(cfg, steps_per_epoch=None):
         network, meta_grad=cfg.meta.meta_grad, granularity=granularity,
         threshold=cfg.train.threshold,
     )
+    check_second_order(network, cfg)
     model.compile(optimizer=optimizer, jit_compile=False)
     model.optimizer.build(network.trainable_variables)
     return model
 
 
-def _cache_key(*parts):
-    return hashlib.sha1("\n".join(map(str, parts)).encode()).hexdigest()[:12]
+def check_second_order(network, cfg):
+    """Refuses a network whose second derivatives TensorFlow would drop or get wrong.
 
+    Eq. 7 differentiates the training gradient; an op without an exact second
+    derivative (e.g. Keras' bilinear `UpSampling2D`) would silently corrupt the
+    weights instead of failing.
 
-def simulate_noise(df, level, clean_count, seed):
-    """Experiment mode: keeps `clean_count` training images clean, the rest noisy.
-
-    Noisy masks are written once to the cache (`synthetic.cache_root()/noisy-...`)
-    and reused by later runs with the same masks, level and seed.
-
-    Args:
-        df: manifest with `split` filled.
-        level: str. A `noise.LEVELS` entry.
-        clean_count: int. Clean training images, chosen at random (seeded).
-        seed: int.
-
-    Returns:
-        Copy of `df`: `clean` True for the clean training rows and every
-        validation row; noisy rows get the cached noisy mask in `mask` and
-        keep the true one in `true_mask`.
+    Raises:
+        ConfigError: naming the first such layer and op.
     """
-    from lesionkeras.data import synthetic
-
-    df = df.copy()
-    train = np.flatnonzero(df["split"].values == "train")
-    if not 0 < clean_count < len(train):
+    blockers = second_order_blockers(network)
+    if blockers:
+        layer, op, reason = blockers[0]
+        more = f" (and {len(blockers) - 1} more)" if len(blockers) > 1 else ""
         raise ConfigError(
-            f"`meta.clean_count` must be between 1 and {len(train) - 1} (the training images "
-            f"but one). Received: {clean_count}"
+            f"model `{cfg.model_name}` cannot be trained with `method = \"{cfg.method}\"`: "
+            f"layer `{layer}` runs `{op}`{more}, whose derivative eq. 7 needs, but {reason}; "
+            "build it from layers with exact second derivatives (e.g. "
+            "lesionkeras.models.layers.BilinearUpSampling2D for bilinear up-sampling)"
         )
-    rng = np.random.default_rng(seed)
-    clean_rows = set(rng.choice(train, size=clean_count, replace=False).tolist())
-    noisy_rows = [i for i in train if i not in clean_rows]
-    masks = [df.at[i, "mask"] for i in noisy_rows]
-    key = _cache_key(level, seed, *masks)
-    folder = synthetic.cache_root() / f"noisy-{level}-seed{seed}-{key}"
-    names = [f"{i:06d}.png" for i in range(len(noisy_rows))]
-    if not folder.is_dir():
-        noise.write_noisy_list(list(zip(masks, names)), folder, level, seed=seed)
-    df["true_mask"] = df["mask"]
-    df["clean"] = True
-    for i, name in zip(noisy_rows, names):
-        df.at[i, "mask"] = str(folder / name)
-        df.at[i, "clean"] = False
-    return df
 
 
 def load_manifest(cfg):
@@ -454,30 +494,76 @@ def prepare_manifest(cfg, df):
 
 def _clean_stream(decoded, *, batch_size, mean, std, augment, crop_size, seed):
     """Shuffled clean batches, repeating forever (full batches only)."""
-    n = int(decoded.cardinality())
-    ds = decoded.shuffle(max(n, 1), seed=seed, reshuffle_each_iteration=True).repeat()
-    if crop_size:
-        ds = ds.map(lambda i, msk: pipeline._random_crop(i, msk, crop_size, seed))
-    ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(lambda i, msk: (tf.cast(i, tf.float32), tf.cast(msk, tf.float32)))
-    if augment is not None:
-        aug = Augmenter(augment, seed=seed)
-        if aug.active:
-            ds = ds.map(aug)
-    norm = pipeline.normalizer(mean, std)
-    return ds.map(lambda i, msk: (norm(i), msk))
+    return pipeline.make_dataset(
+        decoded, batch_size=batch_size, mean=mean, std=std, training=True, augment=augment,
+        crop_size=crop_size, seed=seed, repeat=True,
+    )
+
+
+def split_streams(cfg, train_df):
+    """The training rows of the noisy stream and of the clean (meta) set.
+
+    The paper's protocol (Mirikharaji et al. 2019, sec. 2: D^c is a subset of
+    D^n) keeps the clean images in the noisy training stream, with their clean
+    masks, besides forming the clean set; `meta.clean_in_noisy = false` trains
+    the noisy stream on the noisy images alone.
+
+    Returns:
+        (noisy_df, clean_df), both with a fresh index.
+
+    Raises:
+        DataError: no noisy or no clean training image.
+    """
+    is_clean = train_df["clean"].astype(bool)
+    n_noisy, n_clean = int((~is_clean).sum()), int(is_clean.sum())
+    if not n_noisy or not n_clean:
+        raise DataError(
+            f"{cfg.data.source}: `method = \"{cfg.method}\"` needs both noisy and clean training "
+            f"images (found {n_noisy} noisy, {n_clean} clean)"
+        )
+    noisy_df = train_df if cfg.meta.clean_in_noisy else train_df[~is_clean]
+    return noisy_df.reset_index(drop=True), train_df[is_clean].reset_index(drop=True)
+
+
+def stages(cfg, train_df, mean, std):
+    """Meta-training for `train.epochs`; with `meta.then_finetune`, then the clean stage.
+
+    The clean stage is the fine-tuning baseline's (`method = "finetune"`): plain BCE
+    steps on the clean training images for `meta.finetune_epochs` epochs at
+    `meta.finetune_lr` (default `train.lr / 10`), continuing the same optimiser.
+
+    Returns:
+        list of `Stage` for the run loop.
+    """
+    out = [Stage(train_dataset(cfg, train_df, mean, std), cfg.train.epochs)]
+    if cfg.meta.then_finetune:
+        clean = plain_train_dataset(cfg, split_streams(cfg, train_df)[1], mean, std).map(
+            lambda x, y: {"noisy_image": x, "noisy_mask": y}
+        )
+        lr = cfg.meta.finetune_lr or cfg.train.lr / 10.0
+        out.append(Stage(clean, cfg.meta.finetune_epochs, lr, _to_plain_steps))
+    return out
+
+
+def plain_train_dataset(cfg, df, mean, std):
+    """Training batches of `df` as plain supervised training sees them (`train.batch_size`)."""
+    d = cfg.data
+    return pipeline.make_dataset(
+        pipeline.decoded_dataset(df, d.image_size, cache=d.cache, color_constancy=d.color_constancy),
+        batch_size=cfg.train.batch_size, mean=mean, std=std, training=True,
+        augment=cfg.augment, crop_size=d.crop_size, seed=cfg.seed,
+    )
+
+
+def _to_plain_steps(model):
+    model.plain = True
+    model.train_function = None  # traced anew with plain steps
 
 
 def train_dataset(cfg, train_df, mean, std):
     """Zipped noisy batches (`train.batch_size`) and repeating clean batches."""
     d = cfg.data
-    noisy_df = train_df[~train_df["clean"].astype(bool)].reset_index(drop=True)
-    clean_df = train_df[train_df["clean"].astype(bool)].reset_index(drop=True)
-    if noisy_df.empty or clean_df.empty:
-        raise DataError(
-            f"{d.source}: meta needs both noisy and clean training images "
-            f"(found {len(noisy_df)} noisy, {len(clean_df)} clean)"
-        )
+    noisy_df, clean_df = split_streams(cfg, train_df)
     noisy = pipeline.make_dataset(
         pipeline.decoded_dataset(
             noisy_df, d.image_size, cache=d.cache, color_constancy=d.color_constancy
@@ -634,3 +720,26 @@ def callbacks(cfg, train_df=None, mean=None, std=None):
         true_masks = _fixed_batch(noisy_df, count, cfg, mean, std, column="true_mask")[1]
     logdir = (cfg.out or ".") + "/tensorboard"
     return [WeightMaps(logdir, noisy, clean, true_masks, every=cfg.meta.weight_image_every)]
+
+
+@method.register
+class Reweight(SegmentationMethod):
+    """Meta-learned pixel weights (`meta`, Mirikharaji et al. 2019, eq. 6-9) or image
+    weights (`image-reweight`, Ren et al. 2018), from a small clean set."""
+
+    names = ("meta", "image-reweight")
+
+    def load_manifest(self):
+        return load_manifest(self.cfg)
+
+    def prepare_manifest(self, df):
+        return prepare_manifest(self.cfg, df)
+
+    def stages(self, data):
+        return stages(self.cfg, data.train_df, data.mean, data.std)
+
+    def build(self, data, steps_per_epoch):
+        return build(self.cfg, steps_per_epoch)
+
+    def method_callbacks(self, data):
+        return callbacks(self.cfg, data.train_df, data.mean, data.std)

@@ -6,7 +6,9 @@ one run directory: stage 1 trains the plain segmentation model
 (`method = "baseline"`'s model, loss and optimiser) for `train.epochs` epochs
 on the noisy training images; stage 2 continues the same model and
 optimiser for `meta.finetune_epochs` epochs on the clean training images at
-`meta.finetune_lr` (default `train.lr / 10`). The epochs are numbered
+`meta.finetune_lr` (default `train.lr / 10`). As in the meta-reweighting
+methods, the noisy stage also trains on the clean images with their clean masks
+unless `meta.clean_in_noisy = false` (`meta.split_streams`). The epochs are numbered
 continuously (history.csv, TensorBoard), and the best checkpoint is chosen
 over both stages by validation Dice.
 
@@ -23,13 +25,12 @@ lesionkeras fit --method finetune --simulate-noise 3-vertex --clean-count 16 \\
 
 from __future__ import annotations
 
-from lesionkeras.data import pipeline
-from lesionkeras.errors import ConfigError, DataError
-from lesionkeras.trainers import baseline, meta
+from lesionkeras.errors import ConfigError
+from lesionkeras.methods import baseline
+from lesionkeras.methods import reweight as meta
+from lesionkeras.training import method
+from lesionkeras.training.method import Stage
 
-# Same data sources and noisy/clean marking as the meta-reweighting methods.
-load_manifest = meta.load_manifest
-prepare_manifest = meta.prepare_manifest
 
 
 def finetune_lr(cfg) -> float:
@@ -51,18 +52,6 @@ def build(cfg, steps_per_epoch=None):
     return baseline.build(cfg, steps_per_epoch)
 
 
-def _split(cfg, train_df):
-    is_clean = train_df["clean"].astype(bool)
-    noisy_df = train_df[~is_clean].reset_index(drop=True)
-    clean_df = train_df[is_clean].reset_index(drop=True)
-    if noisy_df.empty or clean_df.empty:
-        raise DataError(
-            f"{cfg.data.source}: finetune needs both noisy and clean training images "
-            f"(found {len(noisy_df)} noisy, {len(clean_df)} clean)"
-        )
-    return noisy_df, clean_df
-
-
 def stages(cfg, train_df, mean, std):
     """The two training stages: `[(dataset, epochs, learning_rate), ...]`.
 
@@ -72,20 +61,29 @@ def stages(cfg, train_df, mean, std):
         mean: per-channel mean. std: per-channel std.
 
     Returns:
-        list of (tf.data.Dataset, int, float or None): the noisy stage at the
+        list of `Stage` (tf.data.Dataset, int, float or None): the noisy stage at the
         configured rate (None: leave it), then the clean stage at `finetune_lr(cfg)`.
     """
-    d = cfg.data
-    out = []
-    for df, epochs, lr in zip(
-        _split(cfg, train_df), (cfg.train.epochs, cfg.meta.finetune_epochs), (None, finetune_lr(cfg))
-    ):
-        ds = pipeline.make_dataset(
-            pipeline.decoded_dataset(
-                df, d.image_size, cache=d.cache, color_constancy=d.color_constancy
-            ),
-            batch_size=cfg.train.batch_size, mean=mean, std=std, training=True,
-            augment=cfg.augment, crop_size=d.crop_size, seed=cfg.seed,
-        )
-        out.append((ds, epochs, lr))
-    return out
+    noisy_df, clean_df = meta.split_streams(cfg, train_df)
+    return [
+        Stage(meta.plain_train_dataset(cfg, noisy_df, mean, std), cfg.train.epochs),
+        Stage(meta.plain_train_dataset(cfg, clean_df, mean, std), cfg.meta.finetune_epochs,
+              finetune_lr(cfg)),
+    ]
+
+
+@method.register
+class Finetune(meta.Reweight):
+    """Pre-training on the noisy masks, then fine-tuning on the clean ones (Mirikharaji 2019)."""
+
+    name = "finetune"
+    names = ()
+
+    def build(self, data, steps_per_epoch):
+        return build(self.cfg, steps_per_epoch)
+
+    def stages(self, data):
+        return stages(self.cfg, data.train_df, data.mean, data.std)
+
+    def method_callbacks(self, data):
+        return []

@@ -1,5 +1,5 @@
 """Commands behind `bin/noise-table`, `bin/clean-size-curve` (see `experiments`) and
-`bin/missing-table` (see `trainers.missing_table`)."""
+`bin/missing-table` (see `experiments.missing_table`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import click
 
 from lesionkeras import config as config_lib
-from lesionkeras.cli import _quiet_tensorflow_import, handle_errors
+from lesionkeras.console import handle_errors, quiet_tensorflow_import
 
 # Flag -> dotted config key, shared by both commands.
 SHARED_FLAGS = {
@@ -61,7 +61,7 @@ def _run(fn, out, name, markdown=None):
         click.echo(f"\ninterrupted; run the same command again to continue ({out})", err=True)
         sys.exit(130)
     if markdown is None:
-        from lesionkeras.experiments import _markdown as markdown
+        from lesionkeras.experiments.noisy import _markdown as markdown
 
     click.echo(markdown(df))
     click.echo(f"wrote {out}/{name}.csv, .md, .png")
@@ -91,8 +91,8 @@ def noise_table(config_file, out, levels, clean_count, **flags):
             f"choose from {', '.join(noise.LEVELS)}", param_hint="--levels",
         )
     cfg = _base_config(config_file, flags)
-    _quiet_tensorflow_import()
-    from lesionkeras import experiments
+    quiet_tensorflow_import()
+    from lesionkeras.experiments import noisy as experiments
 
     _run(lambda: experiments.noise_table(cfg, out, levels=chosen, clean_count=clean_count,
                                          log=click.echo), out, "noise_table")
@@ -120,8 +120,8 @@ def clean_size_curve(config_file, out, sizes, level, methods, **flags):
             param_hint="--methods",
         )
     cfg = _base_config(config_file, flags)
-    _quiet_tensorflow_import()
-    from lesionkeras import experiments
+    quiet_tensorflow_import()
+    from lesionkeras.experiments import noisy as experiments
 
     _run(lambda: experiments.clean_size_curve(cfg, out, sizes=sizes, level=level,
                                               methods=chosen, log=click.echo),
@@ -164,8 +164,8 @@ def missing_table(out, config_file, alphas, methods, relabel_rounds, **flags):
             "filters": "model.filters", "limit": "data.limit", "seed": "seed"}
     overrides = {keys[k]: v for k, v in flags.items() if v is not None}
     overrides["train.progress"] = False
-    _quiet_tensorflow_import()
-    from lesionkeras.trainers import missing_table as mt
+    quiet_tensorflow_import()
+    from lesionkeras.experiments import missing_table as mt
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     _run(lambda: mt.missing_table(out, alphas=alpha_values, methods=chosen, config=config_file,

@@ -27,21 +27,28 @@ into 2D samples by `load_manifest` (`missing.slice_volumes`).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from lesionkeras import config
 from lesionkeras import losses, metrics
 from lesionkeras.errors import ConfigError
 from lesionkeras.data import missing
 from lesionkeras.models import registry
-from lesionkeras.trainers import baseline
+from lesionkeras.training import method, segmentation
+from lesionkeras.training.method import Stage
+from lesionkeras.training.segmentation import SegmentationMethod
+from lesionkeras.data import pipeline
+from lesionkeras.data import synthetic
+from lesionkeras.data.augment import Augmenter
+from lesionkeras.inference import predictor as inference_predictor
 
 
 # An image may lack the lesion (`mask`) file: the lesion is then not annotated,
 # and `missing.annotate` checks the files of every structure.
-REQUIRE_MASKS = False
 
 
 def structures(cfg) -> tuple:
@@ -78,6 +85,57 @@ def structure_metrics(names, threshold=0.5, softmax_container=False):
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class SmileConfig:
+    structures: str = config.field(
+        "lesion,globules,milia_like_cyst,negative_network,pigment_network,streaks",
+        "smile/multiclass: comma-separated structures (K sigmoid heads); `lesion` is the "
+        "`mask` column, any other name the `attr_<name>` column of the manifest.", flag=True)
+    empty_means_missing: bool = config.field(
+        False,
+        "smile/multiclass: an empty mask file means `not annotated` (default: annotated "
+        "and absent; a missing file always means not annotated).", flag="--empty-means-missing/--empty-means-absent")
+    simulate_missing: float = config.field(
+        0.0,
+        "smile/multiclass: experiment mode, drop each structure's annotation from this "
+        "fraction of the training images (independently per structure, seeded; 0 = off).",
+        minimum=0.0, maximum=1.0, flag=True)
+    container: str = config.field(
+        "lesion",
+        "smile: the structure that encloses the others (dermoscopic attributes lie inside "
+        "the lesion), so that known labels follow the nesting; empty = the paper's rule "
+        "for mutually exclusive structures.",
+    )
+    relabel_rounds: int = config.field(
+        0,
+        "smile: SMILEr rounds T after SMILE training (0 = off); round t adds the top "
+        "t / T * gamma_max of the predicted-positive unknown pixels of each non-annotated "
+        "structure as positive labels, then retrains (warm start).",
+        minimum=0, flag=True)
+    gamma_max: float = config.field(
+        1.0, "smile: SMILEr fraction of the candidate pixels added in the last round.",
+        minimum=0.0, maximum=1.0, flag=True)
+    relabel_epochs: int = config.field(5, "smile: training epochs of each SMILEr round.", minimum=1, flag=True)
+    uncertainty: str = config.field(
+        "score",
+        "smile: SMILEr pixel choice: `score` (highest probability first) or `mc-dropout` "
+        "(lowest MC-dropout standard deviation first; needs a model with dropout > 0).",
+        choices=("score", "mc-dropout"), flag=True)
+    mc_samples: int = config.field(10, "smile: MC-dropout samples of `uncertainty = mc-dropout`.", minimum=2, flag=True)
+
+
+def check_section(cfg, origin):
+    """Rules of `[smile]` that involve other tables."""
+    if cfg.data.color_constancy != "none" and cfg.method in ("smile", "multiclass"):
+        raise ConfigError(
+            f"{origin}: `data.color_constancy` is not supported by `method = {cfg.method!r}` "
+            "yet; use \"none\""
+        )
+
+
+config.register_section("smile", SmileConfig, check_section)
+
+
 def build(cfg, steps_per_epoch=None):
     """The compiled K-head model for `cfg` (call inside the strategy scope)."""
     names = structures(cfg)
@@ -86,16 +144,16 @@ def build(cfg, steps_per_epoch=None):
         cfg.model_name,
         input_shape=(None, None, 3),
         out_channels=len(names) + 1 if softmax else len(names),
-        **baseline.model_options(cfg.model, cfg.model_name),
+        **segmentation.model_options(cfg.model, cfg.model_name),
     )
     container = container_index(cfg, names)
     model.compile(
-        optimizer=baseline.make_optimizer(cfg.train, steps_per_epoch),
+        optimizer=segmentation.make_optimizer(cfg.train, steps_per_epoch),
         loss=losses.MulticlassLoss(container) if softmax else losses.SmileLoss(),
         metrics=structure_metrics(
             names, cfg.train.threshold, softmax_container=container if softmax else False
         ),
-        jit_compile=baseline.jit_option(cfg.train),
+        jit_compile=segmentation.jit_option(cfg.train),
     )
     return model
 
@@ -110,8 +168,6 @@ def load_manifest(cfg):
     if not missing.is_volume_manifest(source):
         return None
     import hashlib
-
-    from lesionkeras.data import synthetic
 
     key = hashlib.sha1(str(Path(source).resolve()).encode()).hexdigest()[:12]
     df = missing.slice_volumes(source, structures(cfg), synthetic.cache_root() / "volumes" / key)
@@ -200,11 +256,11 @@ def _check_relabel(cfg):
         raise ConfigError(f"`smile.relabel_rounds` (SMILEr) needs `method = \"smile\"`. "
                           f"Received: method = {cfg.method!r}")
     if sm.relabel_rounds and sm.uncertainty == "mc-dropout" and not (
-        cfg.model_name.endswith("_deeplab") and cfg.model.dropout > 0
+        registry.capabilities(cfg.model_name).mc_dropout and cfg.model.dropout > 0
     ):
         raise ConfigError(
             "`smile.uncertainty = \"mc-dropout\"` needs a model with an MC-dropout layer "
-            f"(a resnet*_deeplab with model.dropout > 0). Received: model {cfg.model_name!r}, "
+            f"(a resnet*_deeplab or deeplabv3plus with model.dropout > 0). Received: model {cfg.model_name!r}, "
             f"dropout {cfg.model.dropout}"
         )
 
@@ -253,10 +309,6 @@ def run_smiler(cfg, model, train_df, mean, std, val_ds=None, log=print):
     import pandas as pd
     import tensorflow as tf
 
-    from lesionkeras.data import pipeline
-    from lesionkeras.data.augment import Augmenter
-    from lesionkeras.models import deeplab
-
     sm = cfg.smile
     names = structures(cfg)
     container = container_index(cfg, names)
@@ -298,8 +350,8 @@ def run_smiler(cfg, model, train_df, mean, std, val_ds=None, log=print):
     for t in range(1, sm.relabel_rounds + 1):
         gamma = t / sm.relabel_rounds * sm.gamma_max
         if sm.uncertainty == "mc-dropout":
-            scores, sd = deeplab.mc_dropout_predict(model, x, samples=sm.mc_samples,
-                                                    batch_size=cfg.train.batch_size)
+            scores, sd = inference_predictor.mc_dropout_predict(
+                model, x, samples=sm.mc_samples, batch_size=cfg.train.batch_size)
         else:
             logits = model.predict(x, batch_size=cfg.train.batch_size, verbose=0)
             scores, sd = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float32))), None
@@ -350,6 +402,32 @@ def run_smiler(cfg, model, train_df, mean, std, val_ds=None, log=print):
     return model
 
 
-def load_model(path):
-    """Loads a checkpoint saved by this trainer (plain `keras.saving.load_model`)."""
-    return keras.saving.load_model(path)
+@method.register
+class Smile(SegmentationMethod):
+    """K structures with missing labels: SMILE(r) (Petit, Thome et al. 2018) and its
+    softmax baseline `multiclass`."""
+
+    names = ("smile", "multiclass")
+    default_model = "resnet18_deeplab"
+    require_masks = False  # an image whose lesion is not annotated still trains the others
+
+    def load_manifest(self):
+        return load_manifest(self.cfg)
+
+    def prepare_manifest(self, df):
+        return prepare_manifest(self.cfg, df)
+
+    def stages(self, data):
+        return [Stage(train_dataset(self.cfg, data.train_df, data.mean, data.std),
+                      self.cfg.train.epochs)]
+
+    def val_dataset(self, data, keep, batch_size):
+        return val_dataset(self.cfg, data.val_df.iloc[:keep], data.mean, data.std, batch_size)
+
+    def build(self, data, steps_per_epoch):
+        return build(self.cfg, steps_per_epoch)
+
+    def after_fit(self, best, val_ds, data, log):
+        self.cfg, best = after_fit(self.cfg, best, val_ds, log, train_df=data.train_df,
+                                   mean=data.mean, std=data.std)
+        return best

@@ -16,6 +16,8 @@ unfreeze_except_batch_norm(model); model.compile(...); model.fit(...)  # stage 2
 
 import keras
 
+from lesionkeras.errors import ConfigError
+from lesionkeras.models import registry
 from lesionkeras.models.resnet_unet import encoder_layer
 
 
@@ -56,34 +58,23 @@ def unfreeze_all(model):
         layer.trainable = True
 
 
-#: Methods whose trainers follow the model's trainable flags at every retrace.
-FREEZE_METHODS = ("baseline", "segan")
-
-
-def check_freeze_encoder(cfg):
+def check_freeze_encoder(cfg, method, supported):
     """Raises ConfigError when `train.freeze_encoder_epochs` cannot be honoured.
 
     Checked before anything is written: the method must be one that retraces
-    its step (`FREEZE_METHODS`) and the model one with a nested encoder (its
-    builder takes `encoder_weights`).
+    its step (`supported`) and the model one with a nested encoder.
     """
-    import inspect
-
-    from lesionkeras.errors import ConfigError
-    from lesionkeras.models import registry
-
     if not cfg.train.freeze_encoder_epochs:
         return
-    if cfg.method not in FREEZE_METHODS:
+    if not supported:
         raise ConfigError(
-            f"`train.freeze_encoder_epochs` is not supported by `method = {cfg.method!r}` "
-            f"(only {', '.join(FREEZE_METHODS)})"
+            f"`train.freeze_encoder_epochs` is not supported by `method = {method!r}`"
         )
     try:
-        params = inspect.signature(registry.get(cfg.model_name)).parameters
+        has_encoder = registry.capabilities(cfg.model_name).encoder
     except KeyError as e:
         raise ConfigError(str(e).strip("'\"")) from None
-    if "encoder_weights" not in params:
+    if not has_encoder:
         raise ConfigError(
             f"`train.freeze_encoder_epochs` needs a model with an encoder (e.g. vgg19se, "
             f"resnet34_unet); `{cfg.model_name}` has none"
@@ -119,7 +110,7 @@ class FreezeEncoder(keras.callbacks.Callback):
         self.epochs = int(epochs)
 
     def _encoder(self):
-        target = getattr(self.model, "segmentor", self.model)
+        target = getattr(self.model, "network", self.model)
         enc = encoder_layer(target)
         if enc is None:
             raise ValueError(f"Model `{target.name}` has no `encoder` layer to freeze.")

@@ -1,0 +1,1 @@
+"""Applying trained models: load, predict, evaluate, report (see the modules)."""

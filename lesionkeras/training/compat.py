@@ -1,0 +1,49 @@
+"""Every use of Keras or TensorFlow internals, in one place, each with the versions that need it.
+
+Checked with TensorFlow 2.16-2.20 and Keras 3.5-3.12. When an upgrade breaks
+one of these, this file is the only one to change.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+# File names `keras.callbacks.BackupAndRestore` writes in its folder (Keras 3.x;
+# private, not part of its API). The run loop reads the epoch from the metadata
+# and moves the weights between training stages.
+BACKUP_WEIGHTS = "latest.weights.h5"
+BACKUP_METADATA = "training_metadata.json"
+
+
+def forget_restored_epoch(model):
+    """Clears the epoch `BackupAndRestore` restored into `model`.
+
+    Keras 3.x stores it in the private `model._initial_epoch` and never clears
+    it, so after a resumed stage every later `fit` would restart at that epoch.
+    """
+    model._initial_epoch = None
+
+
+def merge_call(fn, *args):
+    """Runs `fn(strategy, *args)` in cross-replica context, from replica or cross-replica code.
+
+    TensorFlow 2.x has no public form of this (`tf.__internal__...maybe_merge_call`,
+    also what Keras' own optimiser uses to update mirrored variables).
+    """
+    return tf.__internal__.distribute.interim.maybe_merge_call(
+        fn, tf.distribute.get_strategy(), *args)
+
+
+class NoSymbolicBuildOnMultiWorker:
+    """Mixin for a `keras.Model` that builds its networks and optimisers in `compile`.
+
+    Keras 3.x's TensorFlow trainer (`_maybe_symbolic_build`, private) reduces the
+    first (x, y) batch with `strategy.reduce` on the whole tuple, which
+    MultiWorkerMirroredStrategy's collective ops reject ("Attempt to convert a
+    value (PerReplica ...)"). A model with nothing left to build skips it there.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)

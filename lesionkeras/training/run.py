@@ -1,0 +1,373 @@
+"""`fit`: config -> validated data -> model -> `model.fit` -> run directory.
+
+Run directory (the contract the other commands read):
+
+    config.toml     the fully resolved config (incl. normalisation statistics)
+    model.keras     best checkpoint by validation Dice
+    last.keras      last epoch
+    history.csv     one row per epoch
+    metrics.json    final validation metrics of model.keras
+    tensorboard/    scalars and the input | truth | prediction grid
+    backup/         BackupAndRestore state for `--resume`
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+
+from lesionkeras import config as config_lib
+from lesionkeras.errors import ConfigError, DataError
+from lesionkeras.data import pipeline
+from lesionkeras.training import compat, distribute
+from lesionkeras.training import method as method_lib
+from lesionkeras.training.callbacks import SaveCheckpoints, StopOnNaN
+from lesionkeras.training.method import RunData
+
+
+@dataclasses.dataclass
+class FitResult:
+    run_dir: Path
+    metrics: dict
+    epochs_run: int
+    warnings: list
+
+
+def default_run_dir(method: str) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{method}-{stamp}"
+
+
+def prepare_data(cfg):
+    """The validated manifest of `cfg` with its `split` column, as `fit` sees it, and warnings.
+
+    Raises:
+        ConfigError, DataError: before anything is written.
+    """
+    method = method_lib.create(cfg)
+    method.check()
+    return method.manifest()
+
+
+def run_dir_for(cfg, resume_dir, method):
+    """The run directory: a new, empty one, or `resume_dir` checked against `cfg`.
+
+    Raises:
+        ConfigError: the new folder is not empty, or `resume_dir` is not a run, or
+            `cfg` changes a key that fixes the run's data split or network.
+    """
+    if resume_dir:
+        run_dir = Path(resume_dir)
+        saved = load_run_config(run_dir).to_dict()
+        new = cfg.to_dict()
+        for key in (*method_lib.RESUME_KEYS, *method.resume_keys):
+            old_value, new_value = _lookup(saved, key), _lookup(new, key)
+            if old_value != new_value:
+                raise ConfigError(f"{run_dir}: the run has `{key} = {old_value!r}`; it cannot "
+                                  f"resume with {new_value!r}")
+        return run_dir
+    return new_run_dir(cfg)
+
+
+def new_run_dir(cfg):
+    """`cfg.out` (or a fresh `runs/<method>-<time>`), refused unless absent or empty."""
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir}: run directory exists and is not empty "
+                          "(choose another --out, or continue it with --resume)")
+    return run_dir
+
+
+def _lookup(tree, dotted):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+@contextlib.contextmanager
+def _removed_on_setup_error(run_dir, fresh):
+    """Deletes `run_dir` (checked empty or absent before) if setting up a fresh run fails."""
+    try:
+        yield
+    except (ConfigError, DataError):
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def best_so_far(history_csv: Path, monitor: str):
+    """The best `monitor` in a run's history.csv so far (None: no finite value yet)."""
+    if not history_csv.exists():
+        return None
+    hist = pd.read_csv(history_csv)
+    if monitor not in hist or hist[monitor].dropna().empty:
+        return None
+    return float(hist[monitor].max())
+
+
+def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> FitResult:
+    """Trains `cfg.method` and fills the run directory; the one run loop of every task.
+
+    Args:
+        cfg: `Config`. The resolved configuration.
+        resume_dir: str or None. Continue the interrupted run in this folder.
+        verbose: int. Keras verbosity (1 = progress bar, 2 = one line per epoch).
+        log: callable. Where status lines go.
+        extra_callbacks: sequence of `keras.callbacks.Callback`, run after the built-in ones.
+    """
+    method = method_lib.create(cfg)
+    method.check()
+    # First, before any TensorFlow op: MultiWorkerMirroredStrategy must configure
+    # the runtime's collective ops before it starts.
+    strategy = distribute.resolve_strategy(cfg.train.strategy)
+    run_dir = run_dir_for(cfg, resume_dir, method)
+    method.cfg = cfg = cfg.override({"out": str(run_dir)})
+    method.resuming = bool(resume_dir)
+    method.log = log
+    method.replicas = replicas = distribute.check_batch_size(cfg.train.batch_size, strategy)
+    keras.utils.set_random_seed(cfg.seed)
+    df, warnings = method.manifest()
+    for line in warnings:
+        log(line)
+    data = RunData(df[df["split"] == "train"].reset_index(drop=True),
+                   df[df["split"] == "val"].reset_index(drop=True), warnings)
+    method.prepare(data)
+    cfg = method.cfg
+
+    # A fresh run that fails before training (bad data, a refused model) leaves
+    # no run directory behind.
+    with _removed_on_setup_error(run_dir, fresh=not resume_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.toml")
+        method.write_files(run_dir, data)
+        policy = distribute.set_precision(cfg.train.mixed_precision)
+        stages = method.stages(data)
+        val_ds = None
+        if len(data.val_df):
+            keep, val_batch = pipeline.validation_batches(
+                len(data.val_df), cfg.train.batch_size, replicas, log)
+            val_ds = method.val_dataset(data, keep, val_batch)
+        with strategy.scope():
+            model = method.build(data, max(int(stages[0].dataset.cardinality()), 1))
+        method.after_build(model)
+
+    monitor = ("val_" if val_ds is not None else "") + method.monitor
+    nan_stop = StopOnNaN()
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
+        nan_stop,
+        # Before the writers below, so that what they add to the logs is written.
+        *method.callbacks(data, model),
+        SaveCheckpoints(run_dir / "model.keras", run_dir / "last.keras", monitor,
+                        initial_best=best_so_far(run_dir / "history.csv", monitor)),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
+        *extra_callbacks,
+    ]
+    log(f"{method.describe(model, data)}; strategy {type(strategy).__name__} with "
+        f"{strategy.num_replicas_in_sync} replica(s); precision {policy}")
+    epochs_run = _run_stages(model, strategy, stages, val_ds, callbacks, nan_stop, run_dir,
+                             verbose if cfg.train.progress else (2 if verbose else 0))
+    nan_stop.raise_if_stopped(run_dir)
+    if not (run_dir / "model.keras").exists():
+        method_lib.network_of(model).save(run_dir / "model.keras")  # the monitor was never finite
+    best = keras.saving.load_model(run_dir / "model.keras")
+    if val_ds is not None:
+        # E.g. a threshold chosen on validation, stored with the run.
+        best = method.after_fit(best, val_ds, data, log)
+        if method.cfg is not cfg:
+            cfg = method.cfg
+            cfg.save(run_dir / "config.toml")
+    metrics = method.final_metrics(best, val_ds, data, run_dir)
+    metrics.update(
+        epochs=int(_history_len(run_dir / "history.csv")),
+        train_images=len(data.train_df),
+        val_images=len(data.val_df),
+    )
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return FitResult(run_dir, metrics, epochs_run, warnings)
+
+
+def _run_stages(model, strategy, stages, val_ds, callbacks, nan_stop, run_dir, verbose):
+    """Fits each stage in turn, epochs numbered on; returns the epochs trained now."""
+    epochs_run = done = 0
+    resume_epoch = _backup_epoch(run_dir / "backup")
+    for i, stage in enumerate(stages):
+        if stage.setup is not None:
+            if (resume_epoch is not None and done + stage.epochs <= resume_epoch
+                    and i + 1 < len(stages)):
+                done += stage.epochs  # finished before the interruption
+                continue
+            with strategy.scope():
+                stage.setup(model)
+            _carry_backup_into_stage(model, run_dir / "backup", done)
+        stage_callbacks = callbacks
+        if i:
+            # A TensorBoard callback closes its writers at the end of a fit.
+            stage_callbacks = [
+                keras.callbacks.TensorBoard(cb.log_dir)
+                if type(cb) is keras.callbacks.TensorBoard else cb
+                for cb in callbacks
+            ]
+        if stage.lr is not None:
+            # After BackupAndRestore (first), which restores the optimiser's rate.
+            stage_callbacks = [stage_callbacks[0], _SetLearningRate(stage.lr),
+                               *stage_callbacks[1:]]
+        compat.forget_restored_epoch(model)
+        history = model.fit(
+            stage.dataset,
+            validation_data=val_ds,
+            initial_epoch=done,
+            epochs=done + stage.epochs,
+            callbacks=stage_callbacks,
+            shuffle=False,  # the dataset shuffles itself, seeded
+            verbose=verbose,
+        )
+        epochs_run += len(history.epoch)
+        done += stage.epochs
+        if nan_stop.where:
+            break
+    return epochs_run
+
+
+def fit_folds(cfg, folds=None, *, resume_dir=None, verbose=1, log=print,
+              extra_callbacks=()) -> FitResult:
+    """Trains `folds` models on a K-fold split of the training data, one per fold.
+
+    Fold i validates on the i-th part and trains on the others; each keeps its
+    best-validation-Dice checkpoint in `RUN/fold{i}/` (a complete run
+    directory). `RUN/summary.json` holds every fold's validation metrics and
+    their mean; `evaluate`/`predict` on `RUN` average the folds (the Ensemble of
+    Guth & deCampos 2018, section 3.5). `RUN/config.toml` and `RUN/folds.json`
+    let `fit --resume RUN` continue: every fold already started resumes from
+    its last epoch (a finished one trains no further unless `--epochs` grew,
+    and is only re-scored), the others start.
+
+    Args:
+        cfg: `Config`. `data.folds`/`data.fold` are set per fold.
+        folds: int. K >= 2. Read from `RUN/folds.json` when resuming.
+        resume_dir: str or None. Continue this interrupted run with folds.
+        verbose: int. Keras verbosity. log: callable. Where status lines go.
+        extra_callbacks: sequence of `keras.callbacks.Callback`, given to every fold.
+
+    Returns:
+        `FitResult` of `RUN` with the mean validation metrics over the folds.
+
+    Raises:
+        ConfigError: K < 2, a fixed validation list, or a non-empty `RUN`.
+    """
+    if resume_dir:
+        run_dir = Path(resume_dir)
+        folds = fold_count(run_dir)
+    else:
+        run_dir = new_run_dir(cfg)
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ConfigError(f"`--folds` must be an integer >= 2. Received: {folds!r}")
+    if cfg.data.val_list:
+        raise ConfigError("`--folds` makes its own validation splits; drop `data.val_list`")
+    cfg = cfg.override({"out": str(run_dir)})
+    if not resume_dir:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / FOLDS_FILE).write_text(json.dumps({"folds": folds}) + "\n")
+    cfg.save(run_dir / "config.toml")
+    results = []
+    for i in range(folds):
+        fold_dir = run_dir / f"fold{i}"
+        log(f"fold {i + 1} of {folds}")
+        fold_cfg = cfg.override({"out": str(fold_dir), "data.folds": folds, "data.fold": i})
+        started = fold_dir.exists() and any(fold_dir.iterdir())
+        results.append(fit(
+            fold_cfg, resume_dir=fold_dir if started else None, verbose=verbose, log=log,
+            extra_callbacks=extra_callbacks,
+        ))
+    per_fold = {f"fold{i}": r.metrics for i, r in enumerate(results)}
+    keys = [k for k in results[0].metrics if all(k in r.metrics for r in results)]
+    mean = {k: float(np.mean([r.metrics[k] for r in results])) for k in keys}
+    (run_dir / "summary.json").write_text(
+        json.dumps({"folds": folds, "mean": mean, "per_fold": per_fold}, indent=2) + "\n"
+    )
+    return FitResult(run_dir, mean, sum(r.epochs_run for r in results), results[0].warnings)
+
+
+FOLDS_FILE = "folds.json"
+
+
+def fold_count(run_dir):
+    """K of a `fit --folds K` run directory, or None for an ordinary run."""
+    path = Path(run_dir) / FOLDS_FILE
+    if not path.exists():
+        return None
+    try:
+        folds = json.loads(path.read_text())["folds"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path}: not a folds record (expected {{\"folds\": K}})") from None
+    return folds
+
+
+def _backup_epoch(backup_dir: Path):
+    """The epoch count recorded by `BackupAndRestore` (or at a stage's start), or None."""
+    epochs = [
+        int(json.loads(path.read_text())["epoch"])
+        for path in (backup_dir / compat.BACKUP_METADATA, backup_dir / "stage_start.json")
+        if path.exists()
+    ]
+    return max(epochs) if epochs else None
+
+
+def _carry_backup_into_stage(model, backup_dir: Path, done: int):
+    """Loads a backup taken at the end of the previous stage without its optimizer.
+
+    A stage's `setup` may recompile the model, so the backup's optimizer slots
+    no longer match; the model weights are loaded (a no-op unless resuming at a
+    stage boundary) and the backup is removed so `BackupAndRestore` starts afresh.
+    The weights are kept as `stage_start` until the stage writes its own backup,
+    so a run interrupted in the stage's first epoch resumes at the stage's start.
+    """
+    def recorded(name):
+        path = backup_dir / name
+        return int(json.loads(path.read_text())["epoch"]) if path.exists() else None
+
+    weights = backup_dir / compat.BACKUP_WEIGHTS
+    start = backup_dir / "stage_start.weights.h5"
+    latest = recorded(compat.BACKUP_METADATA)
+    if latest == done and weights.exists():
+        model.load_weights(weights, objects_to_skip=[model.optimizer])
+        model.save_weights(start)
+        (backup_dir / "stage_start.json").write_text(json.dumps({"epoch": done}))
+    elif latest is None and recorded("stage_start.json") == done and start.exists():
+        model.load_weights(start, objects_to_skip=[model.optimizer])
+    else:
+        return
+    for name in (compat.BACKUP_WEIGHTS, compat.BACKUP_METADATA):
+        for path in (backup_dir / name, backup_dir / f"{name}.bkp"):
+            path.unlink(missing_ok=True)
+
+
+class _SetLearningRate(keras.callbacks.Callback):
+    """Sets the optimiser's rate when a training stage begins."""
+
+    def __init__(self, lr):
+        super().__init__()
+        self.lr = lr
+
+    def on_train_begin(self, logs=None):
+        self.model.optimizer.learning_rate.assign(self.lr)
+
+
+def _history_len(path):
+    return len(pd.read_csv(path)) if path.exists() else 0
+
+
+def load_run_config(run_dir) -> config_lib.Config:
+    path = Path(run_dir) / "config.toml"
+    if not path.exists():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.toml)")
+    return config_lib.load_config(path)
