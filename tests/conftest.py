@@ -15,6 +15,11 @@ _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
 )
+# Under pytest-xdist each worker already keeps a core busy; TensorFlow's default
+# of one intra-op thread per core would oversubscribe the machine.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
 def pytest_configure(config):
@@ -34,6 +39,14 @@ def _private_cache(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _clear_keras():
+    # Every traced tf.function leaves graphs that TensorFlow keeps alive (~50k
+    # objects per training test, none of them garbage), so the heap grows all
+    # session and clear_session()'s full gc.collect() walked all of it: 6-8 s a
+    # test late in a run. Instead collect only what the previous test created
+    # (its fixtures are released by now) and freeze the survivors so later
+    # collections, automatic ones included, skip them.
+    gc.collect()
+    gc.freeze()
     yield
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     keras.mixed_precision.set_global_policy("float32")

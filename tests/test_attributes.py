@@ -11,7 +11,7 @@ from PIL import Image
 from lesionkeras import cli
 from lesionkeras import config as config_lib
 from lesionkeras.classify import metrics as cmetrics
-from lesionkeras.trainers import multitask
+from lesionkeras.methods import multitask
 
 
 def test_multitask_heads_shapes():
@@ -139,7 +139,7 @@ def test_cli_attributes_without_task2_masks_is_one_line_exit_2(tmp_path):
 
 
 def test_init_from_a_task1_segmentor_copies_the_encoder(tmp_path):
-    from lesionkeras.classify.attributes import _init_encoder
+    from lesionkeras.classify.attributes import init_encoder
     from lesionkeras.errors import ConfigError
     from lesionkeras.models.attribute_net import build_attribute_net
     from lesionkeras.models.vgg_se_unet import build_vgg_se_unet
@@ -147,11 +147,11 @@ def test_init_from_a_task1_segmentor_copies_the_encoder(tmp_path):
     task1 = build_vgg_se_unet((32, 32, 3), encoder_filters=4, filters=4)
     task1.save(tmp_path / "model.keras")
     net = build_attribute_net((32, 32, 3), encoder_filters=4, filters=4)
-    _init_encoder(net, str(tmp_path))
+    init_encoder(net, str(tmp_path))
     for a, b in zip(net.get_layer("encoder").get_weights(), task1.get_layer("encoder").get_weights()):
         np.testing.assert_array_equal(a, b)
     wider = build_attribute_net((32, 32, 3), encoder_filters=8, filters=4)
     with pytest.raises(ConfigError, match="does not match"):
-        _init_encoder(wider, str(tmp_path / "model.keras"))
+        init_encoder(wider, str(tmp_path / "model.keras"))
     with pytest.raises(ConfigError, match="not found"):
-        _init_encoder(net, str(tmp_path / "nope"))
+        init_encoder(net, str(tmp_path / "nope"))

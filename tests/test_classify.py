@@ -51,8 +51,6 @@ def test_triplet_loss_golden_value():
     # (0, 1): 1 + 0.5 - 2.25 < 0 -> 0; (1, 0): 1 + 0.5 - 1 = 0.5; mean over 2 triplets.
     loss, count = triplet.triplet_loss(EMB, LABELS, margin=0.5, majority=1, normalize=False)
     assert float(loss) == pytest.approx(0.25) and float(count) == 2
-    as_loss = triplet.TripletLoss(margin=0.5, majority=1, normalize=False)
-    assert float(as_loss(LABELS, EMB)) == pytest.approx(0.25)
 
 
 def test_triplet_loss_without_valid_triplets_is_zero_and_bad_options_raise():
@@ -61,7 +59,7 @@ def test_triplet_loss_without_valid_triplets_is_zero_and_bad_options_raise():
     with pytest.raises(ValueError, match="negatives"):
         triplet.triplet_masks(LABELS, 1, negatives="hard")
     with pytest.raises(ValueError, match="majority"):
-        triplet.TripletLoss(negatives="majority")
+        triplet.triplet_masks(LABELS, None, negatives="majority")
 
 
 def test_nearest_class_mean_on_a_toy_embedding():
@@ -73,9 +71,7 @@ def test_nearest_class_mean_on_a_toy_embedding():
     np.testing.assert_allclose(d[0, :2], [1.0, np.sqrt(101)], rtol=1e-5)
     np.testing.assert_allclose(d[1, :2], [(6 + np.sqrt(40)) / 2, 4.0], rtol=1e-5)
     assert np.isinf(d[:, 2]).all()  # class 2 has no reference
-    pred = keras.ops.convert_to_numpy(
-        triplet.nearest_class_mean_predict(queries, refs, ref_labels, 3))
-    assert pred.tolist() == [0, 1]
+    assert d.argmin(axis=1).tolist() == [0, 1]
 
 
 def test_balanced_accuracy_golden_and_streaming_metric():
@@ -243,9 +239,9 @@ def test_learning_beats_majority_and_triplet_does_not_hurt(tmp_path):
     from keras import layers
 
     from lesionkeras.classify.runner import embed
-    from lesionkeras.classify.triplet import nearest_class_mean_predict
+    from lesionkeras.classify.triplet import nearest_class_mean_distances
     from lesionkeras.data import synthetic
-    from lesionkeras.trainers.triplet import TripletTrainer
+    from lesionkeras.methods.triplet import TripletTrainer
 
     root = synthetic.cached_dataset(400, 40, 0)
     one_hot = root / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv"
@@ -287,8 +283,9 @@ def test_learning_beats_majority_and_triplet_does_not_hurt(tmp_path):
             if use_triplet:
                 assert history.history["triplets"][-1] > 0
                 refs = embed(model.network, images(train), True)
-                pred = keras.ops.convert_to_numpy(nearest_class_mean_predict(
-                    embed(model.network, images(val), True), refs, train["label"].to_numpy(), 2))
+                pred = keras.ops.convert_to_numpy(nearest_class_mean_distances(
+                    embed(model.network, images(val), True), refs, train["label"].to_numpy(),
+                    2)).argmin(axis=1)
             else:
                 pred = np.concatenate(
                     [model.network(x)["logits"].numpy() for x in images(val)]).argmax(1)
@@ -319,7 +316,7 @@ def _tiny_network(k=3):
 
 
 def test_alternation_schedule():
-    from lesionkeras.trainers.triplet import TripletEpochs, TripletTrainer
+    from lesionkeras.methods.triplet import TripletEpochs, TripletTrainer
 
     model = TripletTrainer(_tiny_network(), 3, 0, mode="alternate_batch", every=3)
     model.compile(optimizer=keras.optimizers.SGD(0.1))
@@ -346,7 +343,7 @@ def test_alternation_schedule():
 
 def test_triplet_step_moves_only_the_embedding_and_backbone():
     """A triplet step gives the classifier no gradient; a CE step does."""
-    from lesionkeras.trainers.triplet import TripletTrainer
+    from lesionkeras.methods.triplet import TripletTrainer
 
     keras.utils.set_random_seed(0)
     model = TripletTrainer(_tiny_network(2), 2, 1, mode="alternate_batch", every=2, margin=1.0)

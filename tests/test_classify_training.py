@@ -85,7 +85,7 @@ def _tiny_network(k=3):
 
 
 def test_regeneration_callback_saves_restores_and_keeps_the_set_between_regenerations(tmp_path):
-    from lesionkeras.trainers.triplet import RegenerateTriplets, TripletTable, TripletTrainer
+    from lesionkeras.methods.triplet import RegenerateTriplets, TripletTable, TripletTrainer
 
     keras.utils.set_random_seed(0)
     x = np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype(np.float32)
@@ -129,7 +129,7 @@ def test_offline_batches_read_the_table_and_train_the_triplet_loss(tmp_path):
     from PIL import Image
 
     from lesionkeras.classify import data as cdata
-    from lesionkeras.trainers.triplet import TripletTable, TripletTrainer
+    from lesionkeras.methods.triplet import TripletTable, TripletTrainer
 
     rng = np.random.default_rng(0)
     paths = []
@@ -209,7 +209,7 @@ class _StartState(keras.callbacks.Callback):
 
 @pytest.mark.slow
 def test_attributes_resume_restores_optimizer_and_epoch(tmp_path):
-    from lesionkeras.trainers import run as run_lib
+    from lesionkeras.training import run as run_lib
 
     cfg = config_lib.load_config(None, {
         "task": "attributes", "method": "multitask", "out": str(tmp_path / "run"),

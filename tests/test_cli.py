@@ -175,7 +175,7 @@ def test_fit_converts_grey_and_rgba_and_warns_once_on_soft_masks(tmp_path):
     [
         (["--data", "/nonexistent/folder"], "no such file or folder"),
         (["--optimizer", "rmsprop"], "rmsprop"),
-        (["--image-size", "36", "--depth", "4"], "divisible"),
+        (["--image-size", "36", "--depth", "4"], "must be a multiple of 16"),
         (["--model", "bogus"], "`--model bogus` is not a segmentation model"),
         (["--model", "resnet_classifier"], "choose from deeplabv3plus"),
     ],

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from lesionkeras import config as config_lib
-from lesionkeras import inference
+from lesionkeras.inference.predictor import Predictor
 from lesionkeras.data import pipeline
 from lesionkeras.data.color import apply_color_constancy, shades_of_gray
 from lesionkeras.errors import ConfigError
@@ -62,7 +62,7 @@ def test_predictor_applies_the_runs_color_constancy(tmp_path):
     image = np.asarray(Image.open(_tinted_rows(tmp_path, count=1)["image"][0]))
     outputs = {}
     for method in ("none", "shades_of_gray"):
-        p = inference.Predictor(model, 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 0.5, "t",
+        p = Predictor(model, 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 0.5, "t",
                                 color_constancy=method)
         outputs[method] = p.probabilities([image])[0]
     assert outputs["none"].mean() > 0.9  # reddish input

@@ -4,7 +4,7 @@ import keras
 import pytest
 import tensorflow as tf
 
-from lesionkeras.distribute import resolve_strategy, set_precision
+from lesionkeras.training.distribute import resolve_strategy, set_precision
 from lesionkeras.errors import ConfigError
 
 
@@ -31,7 +31,7 @@ def test_multiworker_needs_tf_config(monkeypatch):
 
 def test_auto_picks_multiworker_when_tf_config_names_workers(monkeypatch):
     # Resolution only: building the strategy would start a gRPC server.
-    from lesionkeras import distribute
+    from lesionkeras.training import distribute
 
     monkeypatch.setenv(
         "TF_CONFIG",

@@ -8,9 +8,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from _helpers import untrained_run
 from lesionkeras import config as config_lib
-from lesionkeras import export, inference
+from lesionkeras import export
 from lesionkeras.cli import main
+from lesionkeras.inference.loading import load_ensemble, load_predictor
+from lesionkeras.inference.predictor import TTA_VIEWS, TTAPredictor, with_tta
 from lesionkeras.models import registry
 
 SIZE = 32
@@ -56,8 +59,8 @@ def _images(n=2):
 
 
 def test_ensemble_of_the_same_model_twice_is_the_model(unet_run):
-    single = inference.load_predictor(unet_run)
-    twice = inference.load_ensemble([unet_run, unet_run / "model.keras"])
+    single = load_predictor(unet_run)
+    twice = load_ensemble([unet_run, unet_run / "model.keras"])
     for a, b in zip(single.probabilities(_images()), twice.probabilities(_images())):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, atol=1e-6)
@@ -67,8 +70,8 @@ def test_ensemble_averages_different_models(unet_run, tmp_path):
     keras.utils.set_random_seed(9)
     other = _run(tmp_path / "other",
                  registry.build("unet", input_shape=(SIZE, SIZE, 3), filters=8, depth=2))
-    a, b = inference.load_predictor(unet_run), inference.load_predictor(other)
-    ens = inference.load_ensemble([unet_run, other])
+    a, b = load_predictor(unet_run), load_predictor(other)
+    ens = load_ensemble([unet_run, other])
     images = _images()
     got = ens.probabilities(images)[1]
     expected = (a.probabilities(images)[1] + b.probabilities(images)[1]) / 2
@@ -82,6 +85,29 @@ def test_ensemble_of_different_tasks_is_refused(unet_run, tmp_path, data_dir):
     res = invoke("evaluate", unet_run, two, "--ensemble", "--data", data_dir,
                  "--out", tmp_path / "ev")
     assert res.exit_code == 2 and "not the same task" in res.output
+    assert "Traceback" not in res.output
+
+
+def _structure_run(folder, structures, seed):
+    return untrained_run(folder, size=SIZE, seed=seed, out_channels=len(structures.split(",")),
+                         overrides={"method": "smile", "smile.structures": structures})
+
+
+def test_ensemble_of_k_structure_runs_predicts_every_structure(tmp_path, data_dir):
+    runs = [_structure_run(tmp_path / f"s{i}", "lesion,globules", seed=i) for i in (1, 2)]
+    ens = load_ensemble(runs)
+    assert ens.structures == ("lesion", "globules")
+    singles = [load_predictor(r).probabilities(_images(1))[0] for r in runs]
+    np.testing.assert_allclose(ens.probabilities(_images(1))[0], (singles[0] + singles[1]) / 2,
+                               atol=1e-6)
+    res = invoke("predict", "--ensemble", *runs, data_dir / "images", "--out", tmp_path / "p")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
+        f"case{i}_{s}.png" for i in range(3) for s in ("globules", "lesion")]
+    other = _structure_run(tmp_path / "other", "lesion,streaks", seed=3)
+    res = invoke("predict", "--ensemble", runs[0], other, data_dir / "images",
+                 "--out", tmp_path / "q")
+    assert res.exit_code == 2 and "structures differ" in res.output
     assert "Traceback" not in res.output
 
 
@@ -134,10 +160,10 @@ class LeftHalf:
 
 def test_tta_undoes_each_view_before_averaging():
     image = np.zeros((6, 4, 3), np.uint8)  # non-square: rotated views change the shape
-    (prob,) = inference.TTAPredictor(LeftHalf(), "flips").probabilities([image])
+    (prob,) = TTAPredictor(LeftHalf(), "flips").probabilities([image])
     assert prob.shape == (6, 4, 1)
     views = []
-    for apply, undo in inference.TTA_VIEWS.values():
+    for apply, undo in TTA_VIEWS.values():
         views.append(undo(LeftHalf().probabilities([apply(image)])[0]))
     np.testing.assert_allclose(prob, np.mean(views, axis=0), atol=1e-6)
     # Golden: each pixel lies in the shown left half in exactly 4 of the 8 views once
@@ -145,7 +171,7 @@ def test_tta_undoes_each_view_before_averaging():
     # 90-degree views split the rows), so the average is 0.5 everywhere. A view left
     # un-undone would tip one half towards 1.
     np.testing.assert_allclose(prob, 0.5, atol=1e-6)
-    lr_only = inference.TTA_VIEWS["flip_lr"][0]
+    lr_only = TTA_VIEWS["flip_lr"][0]
     skipped = np.mean([LeftHalf().probabilities([lr_only(image)])[0],
                        LeftHalf().probabilities([image])[0]], axis=0)
     assert skipped[0, 0, 0] == 1.0  # the check above would catch a missing undo
@@ -157,19 +183,19 @@ def test_tta_of_an_equivariant_model_is_its_plain_prediction(tmp_path):
     inputs = keras.Input((SIZE, SIZE, 3))
     model = keras.Model(inputs, keras.layers.Conv2D(1, 1)(inputs))
     run = _run(tmp_path / "pointwise", model)
-    plain = inference.load_predictor(run)
-    tta = inference.with_tta(plain, "flips")
+    plain = load_predictor(run)
+    tta = with_tta(plain, "flips")
     images = [np.asarray(export.parity_images(SIZE, 1, seed=8)[0])]
     np.testing.assert_allclose(tta.probabilities(images)[0], plain.probabilities(images)[0],
                                atol=1e-5)
 
 
 def test_tta_of_a_unet_averages_the_views(unet_run, data_dir, tmp_path):
-    plain = inference.load_predictor(unet_run)
-    tta = inference.with_tta(plain, "flips")
+    plain = load_predictor(unet_run)
+    tta = with_tta(plain, "flips")
     image = _images(1)[0]
     expected = np.mean([undo(plain.probabilities([np.ascontiguousarray(apply(image))])[0])
-                        for apply, undo in inference.TTA_VIEWS.values()], axis=0)
+                        for apply, undo in TTA_VIEWS.values()], axis=0)
     got = tta.probabilities([image])[0]
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert np.abs(got - plain.probabilities([image])[0]).max() > 1e-4  # a U-Net is not equivariant

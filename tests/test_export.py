@@ -12,8 +12,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lesionkeras import config as config_lib
-from lesionkeras import export, inference
+from lesionkeras import export
 from lesionkeras.cli import main
+from lesionkeras.inference.evaluate import evaluate, list_images
+from lesionkeras.inference.loading import TFLiteRunner, load_predictor
+from lesionkeras.inference.predict import predict
 from lesionkeras.models import registry
 
 SIZE = 32
@@ -98,7 +101,7 @@ def test_bytes_signature_decodes_and_returns_the_original_size(saved_model, run_
     assert probs.shape == (40, 52, 1) and res["mask"].shape == (40, 52, 1)
     # Same pixels as the server decodes -> same map as `predict` computes.
     decoded = tf.io.decode_image(data, channels=3).numpy()
-    expected = inference.load_predictor(run_dir).probabilities([decoded])[0]
+    expected = load_predictor(run_dir).probabilities([decoded])[0]
     np.testing.assert_allclose(probs, expected, atol=1e-4)
 
 
@@ -178,7 +181,7 @@ def test_tflite_export_runs_in_litert(run_dir, tmp_path):
     runner = interpreter.get_signature_runner("serving_default")
     images = export.parity_images(SIZE, 1, seed=9).astype(np.float32)
     probs = runner(images=images)["probabilities"]
-    predictor = inference.load_predictor(run_dir)
+    predictor = load_predictor(run_dir)
     np.testing.assert_allclose(probs, export.keras_probabilities(predictor, images), atol=1e-4)
 
 
@@ -199,11 +202,11 @@ def test_predict_and_evaluate_on_every_artefact_kind(run_dir, saved_model, tmp_p
 
     results = {}
     for kind, path in (("run", run_dir), ("savedmodel", saved_model.path), ("tflite", tflite)):
-        predictor = inference.load_predictor(path)
+        predictor = load_predictor(path)
         assert predictor.threshold == 0.4 and predictor.image_size == SIZE
-        df = inference.list_images(data)
-        _, summary = inference.evaluate(predictor, df)
-        inference.predict(predictor, df, tmp_path / kind, probabilities=True)
+        df = list_images(data)
+        _, summary = evaluate(predictor, df)
+        predict(predictor, df, tmp_path / kind, probabilities=True)
         results[kind] = summary
         assert (predictor.model is None) == (kind != "run")
     for kind in ("savedmodel", "tflite"):
@@ -294,7 +297,7 @@ def _export_both(run, tmp_path):
 def _artefact_probabilities(sm_path, tflite_path, images):
     loaded = tf.saved_model.load(str(sm_path)).signatures["serving_default"]
     from_sm = loaded(images=tf.constant(images, tf.float32))["probabilities"].numpy()
-    from_tflite = inference.TFLiteRunner(tflite_path)(images)["probabilities"]
+    from_tflite = TFLiteRunner(tflite_path)(images)["probabilities"]
     return from_sm, from_tflite
 
 
@@ -320,7 +323,7 @@ def test_export_parity_for_each_model_type(name, tmp_path):
     # The package's logits convention: one sigmoid, for SegAN/VGG19-SE's adaptive
     # logistic too (the model returns z / k, the artefact f(z) = sigmoid(z / k)).
     expected = 1.0 / (1.0 + np.exp(-_logits(run, images)))
-    keras_probs = np.stack(inference.load_predictor(run).probabilities(list(images)))
+    keras_probs = np.stack(load_predictor(run).probabilities(list(images)))
     np.testing.assert_allclose(keras_probs, expected, atol=1e-4)
     np.testing.assert_allclose(from_sm, expected, atol=1e-4)
     np.testing.assert_allclose(from_tflite, expected, atol=1e-4)
@@ -353,7 +356,7 @@ def test_multiclass_export_uses_the_softmax_of_predict(container, tmp_path):
     images = export.parity_images(SIZE, 3, seed=41).astype(np.float32)
     from_sm, from_tflite = _artefact_probabilities(sm.path, tfl.path, images)
 
-    predictor = inference.load_predictor(run)
+    predictor = load_predictor(run)
     keras_probs = np.stack(predictor.probabilities(list(images)))
     expected = _softmax_structures(_logits(run, images), 0 if container else None)
     np.testing.assert_allclose(keras_probs, expected, atol=1e-4)
@@ -381,7 +384,7 @@ def test_multiclass_export_uses_the_softmax_of_predict(container, tmp_path):
 
     # The artefacts predict one mask per structure, like the run.
     for artefact in (sm.path, tfl.path):
-        loaded = inference.load_predictor(artefact)
+        loaded = load_predictor(artefact)
         assert loaded.structures == tuple(names)
         np.testing.assert_allclose(np.stack(loaded.probabilities(list(images))), keras_probs,
                                    atol=1e-4)
@@ -411,7 +414,7 @@ def test_tflite_runs_whole_batches(run_dir, tmp_path):
     out = tmp_path / "model.tflite"
     export.export_model(run_dir, out, format="tflite")
     images = export.parity_images(SIZE, 5, seed=13).astype(np.float32)
-    runner = inference.TFLiteRunner(out)
+    runner = TFLiteRunner(out)
     assert runner.resizable
     batch = runner(images)["probabilities"]
     # The interpreter really ran all five at once.
@@ -420,9 +423,9 @@ def test_tflite_runs_whole_batches(run_dir, tmp_path):
     assert batch.shape == (5, SIZE, SIZE, 1)
     np.testing.assert_allclose(batch, single, atol=1e-6)
     np.testing.assert_allclose(batch, export.keras_probabilities(
-        inference.load_predictor(run_dir), images), atol=1e-4)
+        load_predictor(run_dir), images), atol=1e-4)
     # The predictor over the file batches too, with the same maps.
-    predictor = inference.load_predictor(out)
+    predictor = load_predictor(out)
     together = predictor.probabilities(list(images.astype(np.uint8)))
     alone = [predictor.probabilities([im])[0] for im in images.astype(np.uint8)]
     np.testing.assert_allclose(np.stack(together), np.stack(alone), atol=1e-6)
@@ -441,7 +444,7 @@ def test_tflite_with_a_fixed_batch_falls_back_to_chunks(tmp_path):
     converter = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "sm"))
     (tmp_path / "fixed.tflite").write_bytes(converter.convert())
 
-    runner = inference.TFLiteRunner(tmp_path / "fixed.tflite")
+    runner = TFLiteRunner(tmp_path / "fixed.tflite")
     assert not runner.resizable
     images = np.random.default_rng(0).uniform(0, 255, (3, 8, 8, 3)).astype(np.float32)
     got = runner(images)["probabilities"]

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from lesionkeras import config as config_lib
 from lesionkeras.cli import main
 from lesionkeras.errors import ConfigError
-from lesionkeras.trainers import finetune
+from lesionkeras.methods import finetune
 
 TINY = ["--method", "finetune", "--simulate-noise", "3-vertex", "--clean-count", "4",
         "--batch-size", "2", "--image-size", "32", "--filters", "8", "--depth", "2",

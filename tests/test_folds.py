@@ -10,10 +10,11 @@ from PIL import Image
 from click.testing import CliRunner
 
 from lesionkeras import config as config_lib
-from lesionkeras import inference
+from lesionkeras.inference.loading import load_predictor
+from lesionkeras.inference.predictor import EnsemblePredictor
 from lesionkeras.cli import main
 from lesionkeras.errors import ConfigError
-from lesionkeras.trainers import run as run_lib
+from lesionkeras.training import run as run_lib
 
 TINY = ["--image-size", "32", "--filters", "4", "--depth", "2", "--batch-size", "4",
         "--limit", "12", "--epochs", "1", "--no-progress"]
@@ -47,10 +48,10 @@ def test_cli_folds_train_split_and_ensemble(tmp_path):
     ev = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert set(ev["members"]) == {"fold0", "fold1"}
 
-    predictor = inference.load_predictor(out)
-    assert isinstance(predictor, inference.EnsemblePredictor)
+    predictor = load_predictor(out)
+    assert isinstance(predictor, EnsemblePredictor)
     image = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
-    singles = [inference.load_predictor(out / f"fold{i}").probabilities([image])[0]
+    singles = [load_predictor(out / f"fold{i}").probabilities([image])[0]
                for i in range(2)]
     np.testing.assert_allclose(predictor.probabilities([image])[0],
                                (singles[0] + singles[1]) / 2, rtol=1e-5, atol=1e-6)

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lesionkeras.cli import main
-from lesionkeras.trainers import lr_find
+from lesionkeras.training import lr_find
 
 
 def _tiny_model_and_data():

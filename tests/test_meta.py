@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from lesionkeras.cli import main
 from lesionkeras.models.unet import build_unet
-from lesionkeras.trainers.meta import MetaReweighter, normalize_weights
+from lesionkeras.methods.reweight import MetaReweighter, normalize_weights
 from _helpers import fit_on_two_cpus
 
 
@@ -205,7 +205,7 @@ def test_cli_fit_image_reweight(tmp_path):
 
 
 def test_weight_overlay_and_split_golden():
-    from lesionkeras.trainers.meta import weight_overlay, weight_split
+    from lesionkeras.methods.reweight import weight_overlay, weight_split
 
     w = np.array([0.0, 0.5, 0.5, 0.0]).reshape(1, 2, 2, 1)
     noisy = np.array([1, 1, 0, 0]).reshape(1, 2, 2, 1)
@@ -226,3 +226,50 @@ def test_cli_fit_meta_writes_weight_maps_and_fig3(tmp_path):
             tags.update(v.tag for v in event.summary.value)
     assert {"weights/maps", "weights/fig3_overlay", "weights/mislabelled_mean",
             "weights/correct_mean"} <= tags
+
+
+@pytest.mark.parametrize("clean_in_noisy, noisy_rows", [(True, 10), (False, 7)])
+def test_clean_images_stay_in_the_noisy_stream(clean_in_noisy, noisy_rows):
+    """Mirikharaji et al. 2019 assume D^c in D^n: the clean images also train in the
+    noisy stream, with their clean masks (meta, image-reweight and finetune's first stage)."""
+    from lesionkeras import config as config_lib
+    from lesionkeras.methods.reweight import split_streams
+
+    df = pd.DataFrame({"id": [f"i{k}" for k in range(10)], "mask": [f"m{k}" for k in range(10)],
+                       "clean": [k < 3 for k in range(10)]})
+    cfg = config_lib.load_config(None, {"method": "meta", "meta.clean_in_noisy": clean_in_noisy})
+    noisy, clean = split_streams(cfg, df)
+    assert len(noisy) == noisy_rows and list(clean["id"]) == ["i0", "i1", "i2"]
+    assert set(clean["id"]) <= set(noisy["id"]) if clean_in_noisy else not set(clean["id"]) & set(noisy["id"])
+    assert config_lib.load_config(None).meta.clean_in_noisy is True
+
+
+def test_models_saved_with_keras_bilinear_upsampling_still_load(tmp_path):
+    """Run directories written before BilinearUpSampling2D (Keras UpSampling2D, ResizeLike
+    in models.deeplab) load and predict as before; meta training refuses them instead."""
+    from lesionkeras.models.layers import ResizeLike
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    pooled = keras.layers.GlobalAveragePooling2D(keepdims=True)(x)
+    x = keras.layers.Add()([x, ResizeLike()([pooled, x])])
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.UpSampling2D(2, interpolation="bilinear")(x)
+    old = keras.Model(inputs, keras.layers.Conv2D(1, 1)(x))
+    old.save(tmp_path / "old.keras")
+    again = keras.saving.load_model(tmp_path / "old.keras")
+    images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(again.predict(images, verbose=0), old.predict(images, verbose=0),
+                               atol=1e-6)
+
+
+def test_meta_then_finetune_adds_the_clean_stage(tmp_path):
+    run = tmp_path / "run"
+    res = CliRunner().invoke(main, ["fit", *TINY, "--meta-grad", "forward", "--then-finetune",
+                                    "--finetune-epochs", "1", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    hist = pd.read_csv(run / "history.csv")
+    assert len(hist) == 2 and np.isfinite(hist["loss"]).all()
+    # The meta epoch weighs pixels; the fine-tuning epoch trains plainly at lr / 10.
+    assert hist["zero_weight_fraction"].iloc[0] > 0 and hist["zero_weight_fraction"].iloc[1] == 0
+    assert hist["learning_rate"].iloc[1] == pytest.approx(hist["learning_rate"].iloc[0] / 10)

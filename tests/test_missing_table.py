@@ -52,8 +52,8 @@ def test_missing_table_bad_input_exits_2(tmp_path):
 
 @pytest.mark.slow
 def test_missing_table_resumes_and_smiler_warm_starts_from_smile(tmp_path, monkeypatch):
-    from lesionkeras.trainers import missing_table as mt
-    from lesionkeras.trainers import run
+    from lesionkeras.experiments import missing_table as mt
+    from lesionkeras.training import run
 
     monkeypatch.setenv("LESIONKERAS_CACHE", str(tmp_path / "cache"))
     overrides = {"data.synthetic_count": 16, "data.image_size": 32, "model.depth": 2,

@@ -15,10 +15,10 @@ start = time.time()
 import numpy as np
 import keras
 import tensorflow as tf
-from lesionkeras.distribute import resolve_strategy
+from lesionkeras.training.distribute import resolve_strategy
 from lesionkeras.models.critic import build_critic
 from lesionkeras.models.segan import build_segan
-from lesionkeras.trainers.segan import SegANTrainer
+from lesionkeras.methods.segan import SegANTrainer
 
 out = sys.argv[1]
 imported = time.time() - start
@@ -42,9 +42,9 @@ with strategy.scope():
     model.compile(seg_optimizer=keras.optimizers.Adam(1e-2),
                   critic_optimizer=keras.optimizers.Adam(1e-2))
 t_built = time.time() - start
-before = [v.numpy() for v in model.segmentor.trainable_weights]
+before = [v.numpy() for v in model.network.trainable_weights]
 hist = model.fit(ds, steps_per_epoch=2, epochs=1, verbose=0)
-after = [v.numpy() for v in model.segmentor.trainable_weights]
+after = [v.numpy() for v in model.network.trainable_weights]
 np.savez(out + ".npz", *after)
 moved = max(float(np.abs(a - b).max()) for a, b in zip(before, after))
 critic_max = max(float(np.abs(v.numpy()).max()) for v in model.critic.trainable_weights)

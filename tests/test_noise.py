@@ -22,10 +22,17 @@ def disc(size=48, radius=15.0, centre=(24, 22)):
     return ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2).astype(np.uint8)
 
 
-@pytest.mark.parametrize("level", ["7-vertex", "3-vertex", "4-axis"])
-def test_rectangle_boundary_is_its_four_corners(level):
+def test_rectangle_boundary_is_its_four_corners():
     poly = noise.trace_boundary(rect().astype(bool))
     np.testing.assert_array_equal(poly, [[4, 2], [4, 10], [12, 10], [12, 2]])
+
+
+@pytest.mark.parametrize("level, corners", [("7-vertex", 4), ("3-vertex", 3), ("4-axis", 4)])
+def test_rectangle_polygon_per_level(level, corners):
+    # A rectangle has 4 corners: 7 vertices keep them all, 3 drop one, the box is itself.
+    poly = noise.noisy_polygon(rect(), level)
+    assert len(poly) == corners
+    assert {tuple(v) for v in poly} <= {(4, 2), (4, 10), (12, 10), (12, 2)}
 
 
 @pytest.mark.parametrize("level", ["7-vertex", "4-axis"])

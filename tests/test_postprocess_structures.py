@@ -12,9 +12,11 @@ from PIL import Image
 
 from _helpers import untrained_run
 from lesionkeras import config as config_lib
-from lesionkeras import inference, metrics, postprocess
+from lesionkeras import metrics, postprocess
 from lesionkeras.cli import main
-from lesionkeras.data import sources, synthetic
+from lesionkeras.data import pipeline, sources, synthetic
+from lesionkeras.inference.evaluate import evaluate, postprocess_config
+from lesionkeras.inference.loading import load_predictor
 
 SIZE = 32
 NAMES = ("lesion", "globules")
@@ -45,16 +47,16 @@ def _dice(truth, mask, threshold):
 
 
 def test_morph_runs_per_structure_on_a_model(smile_run, synthetic_data, tmp_path):
-    predictor = inference.load_predictor(smile_run)
+    predictor = load_predictor(smile_run)
     df = sources.load_manifest(str(synthetic_data))
     # Decoded as `evaluate` decodes them (JPEG decoders differ in the last bit).
-    images = [inference.pipeline.decode_image(p).numpy() for p in df["image"]]
+    images = [pipeline.decode_image(p).numpy() for p in df["image"]]
     probs = predictor.probabilities(images)
     # The untrained model's median probability as threshold: fragmented raw masks.
     thr = round(float(np.median(np.concatenate([p.ravel() for p in probs]))), 4)
     predictor.threshold = thr
-    cfg = inference.postprocess_config(smile_run)
-    per, summary = inference.evaluate(predictor, df, out_dir=tmp_path, postprocess=("morph",),
+    cfg = postprocess_config(smile_run)
+    per, summary = evaluate(predictor, df, out_dir=tmp_path, postprocess=("morph",),
                                       post_cfg=cfg)
     assert len(per) == 5
     changed = 0
@@ -139,7 +141,7 @@ def test_morph_golden_per_structure(tmp_path):
     )
     cfg = config_lib.PostprocessConfig(min_component_fraction=0.01, fill_holes=True,
                                        keep_largest=True)
-    per, summary = inference.evaluate(fake, df, postprocess=("morph",), post_cfg=cfg)
+    per, summary = evaluate(fake, df, postprocess=("morph",), post_cfg=cfg)
     row = per.iloc[0]
     assert row["dice_lesion"] == pytest.approx(2 * 36 / 73, abs=1e-5)
     assert row["dice_globules"] == pytest.approx(2 * 32 / 68, abs=1e-5)

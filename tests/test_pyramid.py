@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from lesionkeras import config as config_lib
 from lesionkeras.cli import main
 from lesionkeras.errors import ConfigError
-from lesionkeras.trainers import lr_find, run, unet34
+from lesionkeras.training import lr_find, run
+from lesionkeras.methods import unet34
 
 TINY = {
     "method": "unet34", "model.name": "resnet18_unet", "model.filters": 4,
@@ -78,7 +79,7 @@ def test_stage_datasets_have_each_stages_size():
 @pytest.mark.slow
 def test_cli_pyramid_carries_weights_one_continuous_run(tmp_path, monkeypatch):
     recorder = WeightRecorder()
-    monkeypatch.setattr(unet34, "callbacks", lambda cfg: [recorder], raising=False)
+    monkeypatch.setattr(unet34.Unet34, "method_callbacks", lambda self, data: [recorder])
     seen = []
     real_stages = unet34.stages
 
@@ -93,15 +94,17 @@ def test_cli_pyramid_carries_weights_one_continuous_run(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, [
         "fit", "--config", str(tmp_path / "c.toml"), "--model", "resnet18_unet",
         "--filters", "4", "--limit", "12", "--batch-size", "4", "--no-progress", "--lr", "0.01",
-        "--pyramid", "32,64", "--pyramid-epochs", "1,1,1,1", "--out", str(out),
+        "--pyramid", "32,64", "--pyramid-epochs", "0,1,1,1", "--out", str(out),
     ])
     assert res.exit_code == 0, res.output
     cfg = config_lib.load_config(out / "config.toml")
     assert cfg.data.image_size == 64 and cfg.unet34.pyramid == "32,64"
-    assert [tuple(next(iter(ds))[0].shape[1:3]) for ds in seen] == [(32, 32)] * 2 + [(64, 64)] * 2
+    # The 32 px stage 1 is left out (one traced fit less); the weights still cross a
+    # size (32 px stage 2 -> 64 px stage 1) and a stage (64 px stage 1 -> stage 2).
+    assert [tuple(next(iter(ds))[0].shape[1:3]) for ds in seen] == [(32, 32)] + [(64, 64)] * 2
 
     # Each stage starts from the weights the previous one ended with, and trains.
-    assert len(recorder.fits) == 4
+    assert len(recorder.fits) == 3
     for (_, prev_end), (begin, _) in zip(recorder.fits, recorder.fits[1:]):
         for a, b in zip(prev_end, begin):
             np.testing.assert_array_equal(a, b)
@@ -110,11 +113,11 @@ def test_cli_pyramid_carries_weights_one_continuous_run(tmp_path, monkeypatch):
 
     # One run: epochs numbered on, one TensorBoard folder written by every stage.
     hist = pd.read_csv(out / "history.csv")
-    assert list(hist["epoch"]) == [0, 1, 2, 3]
+    assert list(hist["epoch"]) == [0, 1, 2]
     assert np.isfinite(hist["val_dice"]).all()
-    np.testing.assert_allclose(hist["learning_rate"], [0.01, 0.001, 0.01, 0.001], rtol=1e-5)
-    assert len(list((out / "tensorboard" / "train").glob("events.out.tfevents.*"))) == 4
-    assert json.loads((out / "metrics.json").read_text())["epochs"] == 4
+    np.testing.assert_allclose(hist["learning_rate"], [0.001, 0.01, 0.001], rtol=1e-5)
+    assert len(list((out / "tensorboard" / "train").glob("events.out.tfevents.*"))) == 3
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 3
 
 
 class _Interrupt(keras.callbacks.Callback):
@@ -129,32 +132,35 @@ class _Interrupt(keras.callbacks.Callback):
 
 @pytest.mark.slow
 def test_pyramid_run_resumes_inside_a_stage(tmp_path):
-    cfg = _cfg(**{"unet34.pyramid": "32,64", "unet34.pyramid_epochs": "1,1,2,1",
+    # The 32 px stage 1 is left out (0 epochs): each stage is a fit of its own, traced
+    # anew, and three stages are enough to resume inside one and run the next.
+    cfg = _cfg(**{"unet34.pyramid": "32,64", "unet34.pyramid_epochs": "0,1,2,1",
                   "out": str(tmp_path / "run")})
     with pytest.raises(KeyboardInterrupt):
-        run.fit(cfg, verbose=0, log=lambda line: None, extra_callbacks=[_Interrupt(3)])
-    assert list(pd.read_csv(tmp_path / "run" / "history.csv")["epoch"]) == [0, 1, 2]
+        run.fit(cfg, verbose=0, log=lambda line: None, extra_callbacks=[_Interrupt(2)])
+    assert list(pd.read_csv(tmp_path / "run" / "history.csv")["epoch"]) == [0, 1]
     run.fit(run.load_run_config(tmp_path / "run"), resume_dir=tmp_path / "run", verbose=0,
             log=lambda line: None)
     hist = pd.read_csv(tmp_path / "run" / "history.csv")
-    assert list(hist["epoch"]) == [0, 1, 2, 3, 4]
+    assert list(hist["epoch"]) == [0, 1, 2, 3]
     # The 64 px stage 1 finished on its own rate, stage 2 on its own.
-    np.testing.assert_allclose(hist["learning_rate"][3:], [0.01, 0.002], rtol=1e-5)
+    np.testing.assert_allclose(hist["learning_rate"][2:], [0.01, 0.002], rtol=1e-5)
 
 
 @pytest.mark.slow
 def test_pyramid_run_resumes_at_a_stage_start(tmp_path):
-    # Interrupted in the first epoch of the 64 px stage 1, before it wrote a backup.
-    cfg = _cfg(**{"unet34.pyramid": "32,64", "unet34.pyramid_epochs": "1,1,1,1",
+    # Interrupted in the first epoch of the 64 px stage 1, before it wrote a backup
+    # (the 32 px stage 1 is left out: one traced fit less, the same hand-over).
+    cfg = _cfg(**{"unet34.pyramid": "32,64", "unet34.pyramid_epochs": "0,1,1,1",
                   "out": str(tmp_path / "run")})
     recorder = WeightRecorder()
     with pytest.raises(KeyboardInterrupt):
-        run.fit(cfg, verbose=0, log=lambda line: None, extra_callbacks=[recorder, _Interrupt(2)])
-    end_of_stage_2 = recorder.fits[1][1]
+        run.fit(cfg, verbose=0, log=lambda line: None, extra_callbacks=[recorder, _Interrupt(1)])
+    end_of_stage_2 = recorder.fits[0][1]
     resumed = WeightRecorder()
     run.fit(run.load_run_config(tmp_path / "run"), resume_dir=tmp_path / "run", verbose=0,
             log=lambda line: None, extra_callbacks=[resumed])
-    assert list(pd.read_csv(tmp_path / "run" / "history.csv")["epoch"]) == [0, 1, 2, 3]
+    assert list(pd.read_csv(tmp_path / "run" / "history.csv")["epoch"]) == [0, 1, 2]
     assert len(resumed.fits) == 2  # the two 64 px stages, not the whole run again
     for a, b in zip(end_of_stage_2, resumed.fits[0][0]):
         np.testing.assert_array_equal(a, b)
@@ -226,11 +232,11 @@ image_every = 0
 [unet34]
 schedule = "constant"
 lr_find_steps = 6
-[[stages]]
+[[unet34.stages]]
 trainable = "decoder"
 epochs = 1
 lr = "find"
-[[stages]]
+[[unet34.stages]]
 trainable = "all"
 epochs = 1
 lr = 0.003
@@ -240,13 +246,13 @@ lr = 0.003
 def test_stages_tables_load_and_plan_with_pyramid(tmp_path):
     (tmp_path / "s.toml").write_text(STAGES_TOML)
     cfg = config_lib.load_config(tmp_path / "s.toml")
-    assert cfg.stages == ({"trainable": "decoder", "epochs": 1, "lr": "find"},
+    assert cfg.unet34.stages == ({"trainable": "decoder", "epochs": 1, "lr": "find"},
                           {"trainable": "all", "epochs": 1, "lr": 0.003})
     cfg.save(tmp_path / "again.toml")
     assert config_lib.load_config(tmp_path / "again.toml") == cfg
     assert unet34.stage_finds_lr(cfg, 1) and not unet34.stage_finds_lr(cfg, 2)
     assert (unet34.stage_lr(cfg, 1), unet34.stage_lr(cfg, 2)) == (0.01, 0.003)
-    three = cfg.override({"stages": [*cfg.stages, {"trainable": "all_but_bn", "epochs": 4}],
+    three = cfg.override({"unet34.stages": [*cfg.unet34.stages, {"trainable": "all_but_bn", "epochs": 4}],
                           "unet34.pyramid": "32,64", "data.image_size": 64,
                           "unet34.pyramid_epochs": "1,2,3,4,5,6"})
     assert unet34.plan(three) == [(32, 1, 1), (32, 2, 2), (32, 3, 3),
@@ -259,12 +265,12 @@ def test_stages_tables_load_and_plan_with_pyramid(tmp_path):
 
 
 @pytest.mark.parametrize("stage, message", [
-    ({"trainable": "encoder", "epochs": 1}, "`stages[1].trainable` must be one of"),
-    ({"trainable": "all", "epochs": 0}, "`stages[1].epochs` must be an integer >= 1"),
-    ({"trainable": "all", "epochs": 1, "lr": "fast"}, "`stages[1].lr` must be a number > 0"),
-    ({"trainable": "all", "epochs": 1, "lr": -1}, "`stages[1].lr` must be a number > 0"),
-    ({"trainable": "all", "epochs": 1, "freeze": 1}, "unknown config key `stages[1].freeze`"),
-    ({"epochs": 1}, "`stages[1]` needs `trainable`"),
+    ({"trainable": "encoder", "epochs": 1}, "`unet34.stages[1].trainable` must be one of"),
+    ({"trainable": "all", "epochs": 0}, "`unet34.stages[1].epochs` must be an integer >= 1"),
+    ({"trainable": "all", "epochs": 1, "lr": "fast"}, "`unet34.stages[1].lr` must be a number > 0"),
+    ({"trainable": "all", "epochs": 1, "lr": -1}, "`unet34.stages[1].lr` must be a number > 0"),
+    ({"trainable": "all", "epochs": 1, "freeze": 1}, "unknown config key `unet34.stages[1].freeze`"),
+    ({"epochs": 1}, "`unet34.stages[1]` needs `trainable`"),
 ])
 def test_bad_stage_tables_name_the_key(stage, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -277,7 +283,7 @@ def test_stages_need_unet34_and_cli_says_so_in_one_line(tmp_path):
                                     "--out", str(tmp_path / "r")])
     assert res.exit_code == 2
     assert res.output.strip().splitlines() == [
-        f"error: {tmp_path / 's.toml'}: `[[stages]]` needs `method = \"unet34\"`. "
+        f"error: {tmp_path / 's.toml'}: `[[unet34.stages]]` needs `method = \"unet34\"`. "
         "Received: 'baseline'"]
 
 

@@ -8,10 +8,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lesionkeras import config as config_lib
-from lesionkeras import export, inference
+from lesionkeras import export
+from lesionkeras.inference.loading import load_predictor
 from lesionkeras.cli import main
 from lesionkeras.data import synthetic
-from lesionkeras.trainers import run as run_lib
+from lesionkeras.training import run as run_lib
 
 SIZE = 32
 
@@ -59,7 +60,7 @@ def exports(trained_run, representative, tmp_path_factory):
 
 @pytest.mark.slow
 def test_trained_model_masks_are_not_trivial(trained_run):
-    predictor = inference.load_predictor(trained_run)
+    predictor = load_predictor(trained_run)
     probs = export.keras_probabilities(predictor, export.parity_images(SIZE, 4))
     fg = (probs >= predictor.threshold).mean()
     assert 0.05 < fg < 0.95
@@ -79,10 +80,10 @@ def test_each_mode_meets_its_parity_and_records_it(exports, trained_run, mode):
     assert meta["parity"].get("representative_images", 0) == (8 if mode == "int8" else 0)
 
     # The quantised file is served as any .tflite: float32 raw images in.
-    predictor = inference.load_predictor(exports[mode])
+    predictor = load_predictor(exports[mode])
     images = export.parity_images(SIZE, 3, seed=4)
     got = np.stack(predictor.probabilities(list(images)))
-    ref = export.keras_probabilities(inference.load_predictor(trained_run), images)
+    ref = export.keras_probabilities(load_predictor(trained_run), images)
     assert got.shape == ref.shape and got.dtype == np.float32
     assert export.mask_dice(got >= 0.5, ref >= 0.5) >= 0.95
 

@@ -11,8 +11,10 @@ from PIL import Image
 from scipy import ndimage
 
 from _helpers import untrained_run
-from lesionkeras import export, inference, postprocess
+from lesionkeras import export, postprocess
 from lesionkeras.cli import main
+from lesionkeras.inference.evaluate import evaluate, list_images, postprocess_config
+from lesionkeras.inference.loading import load_predictor
 
 SIZE = 32
 
@@ -81,9 +83,9 @@ def test_evaluate_postprocess_side_by_side_and_report(run_dir, data_dir, tmp_pat
 
 
 def test_report_without_postprocess_sorts_by_raw_dice(run_dir, data_dir, tmp_path):
-    predictor = inference.load_predictor(run_dir)
-    df = inference.list_images(data_dir)
-    per, _ = inference.evaluate(predictor, df, out_dir=tmp_path, report=True)
+    predictor = load_predictor(run_dir)
+    df = list_images(data_dir)
+    per, _ = evaluate(predictor, df, out_dir=tmp_path, report=True)
     page = (tmp_path / "report.html").read_text()
     ids = re.findall(r"<tr><td>\d+</td><td>([^<]+)</td>", page)
     assert ids == per.sort_values(["dice", "id"])["id"].tolist()
@@ -94,7 +96,7 @@ def test_report_without_postprocess_sorts_by_raw_dice(run_dir, data_dir, tmp_pat
 
 
 def test_predict_postprocess_morph(run_dir, data_dir, tmp_path):
-    predictor = inference.load_predictor(run_dir)
+    predictor = load_predictor(run_dir)
     images = [np.asarray(Image.open(data_dir / "images" / f"case{i}.png")) for i in range(5)]
     probs = predictor.probabilities(images)
     # The untrained model's median probability as threshold: fragmented raw masks.
@@ -104,7 +106,7 @@ def test_predict_postprocess_morph(run_dir, data_dir, tmp_path):
     assert res.exit_code == 0, res.output
     logged = json.loads((tmp_path / "p" / "postprocess.json").read_text())
     assert logged["steps"] == ["morph"] and logged["config"]["keep_largest"] is True
-    cfg = inference.postprocess_config(run_dir)
+    cfg = postprocess_config(run_dir)
     raw_components = []
     for i, prob in enumerate(probs):
         expected = postprocess.morphology(prob[..., 0] >= thr, cfg)

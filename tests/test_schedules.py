@@ -5,7 +5,7 @@ import pytest
 
 from lesionkeras import config as config_lib
 from lesionkeras import schedules
-from lesionkeras.callbacks import LearningRateLogger
+from lesionkeras.training.callbacks import LearningRateLogger
 from lesionkeras.errors import ConfigError
 from lesionkeras.schedules import LinearDecay, OneCycle, SlantedTriangular
 
@@ -110,7 +110,7 @@ def test_saved_model_keeps_its_schedule(tmp_path):
 
 @pytest.mark.slow
 def test_fit_with_one_cycle_logs_the_cycle(tmp_path):
-    from lesionkeras.trainers import run as run_lib
+    from lesionkeras.training import run as run_lib
 
     cfg = config_lib.load_config(None, {
         "data.image_size": 32, "model.filters": 4, "model.depth": 2, "train.batch_size": 4,
@@ -123,13 +123,13 @@ def test_fit_with_one_cycle_logs_the_cycle(tmp_path):
     expected = OneCycle(0.01, total_steps=4, pct_start=0.3)
     np.testing.assert_allclose(lr, [float(expected(2)), float(expected(4))], rtol=1e-5)
 
-    # A fresh process (nothing imported but the inference module) loads the run:
-    # its checkpoint's optimizer names a lesionkeras schedule.
+    # A fresh process (nothing imported but the inference loading module) loads the
+    # run: its checkpoint's optimizer names a lesionkeras schedule.
     import subprocess
     import sys
 
-    code = ("import sys; from lesionkeras import inference; "
-            "p = inference.load_predictor(sys.argv[1]); print(p.model.count_params())")
+    code = ("import sys; from lesionkeras.inference.loading import load_predictor; "
+            "p = load_predictor(sys.argv[1]); print(p.model.count_params())")
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -11,13 +11,13 @@ from click.testing import CliRunner
 
 from lesionkeras import config as config_lib
 from lesionkeras import losses
-from lesionkeras.callbacks import AnnealLogisticK, logistic_k
+from lesionkeras.training.callbacks import AnnealLogisticK, logistic_k
 from lesionkeras.cli import main
 from lesionkeras.models import registry
 from lesionkeras.models.blocks import apply_global_conv
 from lesionkeras.models.critic import build_critic
 from lesionkeras.models.segan import AdaptiveLogistic, build_segan, decoder_kernels, encoder_kernels
-from lesionkeras.trainers.segan import SegANTrainer
+from lesionkeras.methods.segan import SegANTrainer
 
 
 def kernel_shapes(model, prefix):
@@ -164,7 +164,7 @@ def test_anneal_callback_sets_k_of_the_wrapped_segmentor():
     for epoch in range(4):
         cb.on_epoch_begin(epoch)
         cb.on_epoch_end(epoch, logs)
-    assert float(trainer.segmentor.get_layer("adaptive_logistic").k) == pytest.approx(0.2)
+    assert float(trainer.network.get_layer("adaptive_logistic").k) == pytest.approx(0.2)
     assert logs["logistic_k"] == pytest.approx(0.2)
 
 
@@ -193,7 +193,7 @@ def _trainer(clip=0.05, seg_lr=1e-3, critic_lr=1e-3, **kwargs):
 
 
 def _loss(model, x, y):
-    logits = model.segmentor(x, training=True)
+    logits = model.network(x, training=True)
     return float(model.multiscale_loss(x, tf.sigmoid(logits), y, training=True))
 
 
@@ -210,13 +210,13 @@ def test_clamping_holds_after_a_step():
 def test_critic_step_increases_the_loss():
     model = _trainer(clip=100.0, critic_lr=1e-2)
     x, y = _batch()
-    probs = tf.sigmoid(model.segmentor(x, training=False))
+    probs = tf.sigmoid(model.network(x, training=False))
     before = float(model.multiscale_loss(x, probs, y, training=True))
-    seg_before = [v.numpy() for v in model.segmentor.weights]
+    seg_before = [v.numpy() for v in model.network.weights]
     for _ in range(3):
         tf.function(model.critic_step)(x, probs, y)
     assert float(model.multiscale_loss(x, probs, y, training=True)) > before
-    for a, b in zip(seg_before, model.segmentor.weights):
+    for a, b in zip(seg_before, model.network.weights):
         np.testing.assert_array_equal(a, b)  # the segmentor is fixed
 
 
@@ -252,7 +252,7 @@ def test_save_writes_the_segmentor_alone(tmp_path):
     model.save(tmp_path / "m.keras")
     again = keras.saving.load_model(tmp_path / "m.keras")  # no custom_objects
     assert again.name == "segan" and not isinstance(again, SegANTrainer)
-    np.testing.assert_allclose(again(x), model.segmentor(x), atol=1e-5)
+    np.testing.assert_allclose(again(x), model.network(x), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -275,7 +275,7 @@ def test_trainer_under_mirrored_strategy_on_two_logical_cpus():
         assert np.isfinite(hist.history[key]).all(), key
     assert max(float(np.abs(v).max()) for v in model.critic.trainable_variables) <= np.float32(0.05)
     # Trainable weights stay in sync (batch-norm statistics are per replica, as in Keras).
-    for v in model.segmentor.trainable_weights + model.critic.trainable_weights:
+    for v in model.network.trainable_weights + model.critic.trainable_weights:
         copies = [c.numpy() for c in strategy.experimental_local_results(v.value)]
         np.testing.assert_allclose(copies[0], copies[1], atol=1e-6, err_msg=v.path)
 
@@ -309,7 +309,7 @@ def test_cli_segan_bad_settings_exit_2(tmp_path):
 
 def test_isbi2018_config_builds_the_papers_networks():
     from lesionkeras import config as config_lib
-    from lesionkeras.trainers import segan
+    from lesionkeras.methods import segan
 
     cfg = config_lib.load_config(
         "configs/segan_isbi2018.toml", {"model.filters": 4, "segan.critic_filters": 4}
@@ -319,7 +319,25 @@ def test_isbi2018_config_builds_the_papers_networks():
     )
     model = segan.build(cfg, steps_per_epoch=2)
     assert model.clip == 0.05 and len(model.critic.outputs) == 6
-    assert kernel_shapes(model.segmentor, "down0_conv") == [(7, 7)]
+    assert kernel_shapes(model.network, "down0_conv") == [(7, 7)]
+    # The ISBI critic: the decoder's kernels (coarse to fine 11, 11, 11, 9, 7) in reverse,
+    # a plain 7x7 convolution, then global convolutions; leaky ReLU.
+    critic = model.critic
+    assert kernel_shapes(critic, "block0_gcn") == [(7, 7)]
+    assert kernel_shapes(critic, "block1_gcn") == [(1, 9), (1, 9), (9, 1), (9, 1)]
+    for b in (2, 3, 4):
+        assert kernel_shapes(critic, f"block{b}_gcn") == [(1, 11), (1, 11), (11, 1), (11, 1)]
+    acts = {type(layer).__name__ for layer in critic.layers if "relu" in layer.name}
+    assert acts == {"LeakyReLU"}
+    assert cfg.segan.threshold_metric == "jaccard"
+
+
+def test_isic2018_config_uses_the_reports_critic_and_threshold_jaccard():
+    from lesionkeras import config as config_lib
+
+    cfg = config_lib.load_config("configs/segan_vgg19se_isic2018.toml")
+    assert (cfg.segan.critic, cfg.segan.critic_kernel) == ("isic2018", 9)
+    assert cfg.segan.threshold_metric == "threshold_jaccard"
 
 
 class _Fixed:
@@ -333,7 +351,7 @@ class _Fixed:
 
 
 def test_threshold_search_golden():
-    from lesionkeras.trainers.segan import search_threshold
+    from lesionkeras.methods.segan import search_threshold
 
     # One image, 4 pixels, truth [1, 1, 0, 0], probabilities [0.9, 0.35, 0.3, 0.1]:
     # t <= 0.3 predicts 3 pixels (J = 2/3), 0.3 < t <= 0.35 gives J = 1, above: J = 1/2.
@@ -343,6 +361,33 @@ def test_threshold_search_golden():
     best, scores = search_threshold(_Fixed(logits), [(slice(None), y)], grid=(0.2, 0.35, 0.6))
     assert best == 0.35
     assert scores == pytest.approx({0.2: 2 / 3, 0.35: 1.0, 0.6: 0.5})
+
+
+def test_threshold_search_maximises_the_configured_metric():
+    from lesionkeras.methods.segan import search_threshold
+
+    # Two images of 10 pixels, truth = the first 5 of each. Image A's probabilities put
+    # 6 pixels above 0.3 and 5 above 0.5 (J 5/6 then 1); image B's 10 above 0.3, 3
+    # above 0.5 (J 1/2 then 3/5). Mean Jaccard: t=0.3: (5/6 + 1/2)/2 = 0.667,
+    # t=0.5: (1 + 3/5)/2 = 0.8. Threshold Jaccard (0 below 0.65): 0.417 vs 0.5.
+    # Dice, per image 2J/(1+J): t=0.3: (10/11 + 2/3)/2 = 0.788, t=0.5: (1 + 3/4)/2 = 0.875.
+    pa = np.array([0.9] * 5 + [0.4] + [0.1] * 4)
+    pb = np.array([0.9] * 3 + [0.4] * 7)
+    p = np.stack([pa, pb]).reshape(2, 2, 5, 1)
+    logits = np.log(p / (1 - p))
+    y = np.tile(np.array([1] * 5 + [0] * 5, "float32"), (2, 1)).reshape(2, 2, 5, 1)
+    expected = {
+        "jaccard": {0.3: (5 / 6 + 1 / 2) / 2, 0.5: (1 + 3 / 5) / 2},
+        "threshold_jaccard": {0.3: (5 / 6 + 0) / 2, 0.5: (1 + 0) / 2},
+        "dice": {0.3: (10 / 11 + 2 / 3) / 2, 0.5: (1 + 3 / 4) / 2},
+    }
+    for metric, want in expected.items():
+        best, scores = search_threshold(_Fixed(logits), [(slice(None), y)], grid=(0.3, 0.5),
+                                        metric=metric)
+        assert scores == pytest.approx(want), metric
+        assert best == 0.5
+    with pytest.raises(ValueError, match="metric"):
+        search_threshold(_Fixed(logits), [(slice(None), y)], metric="accuracy")
 
 
 # ---------------------------------------------------------------------- hard mining (ISIC 2018)
@@ -392,7 +437,7 @@ def test_hard_mining_term_in_the_segmentor_step():
 
 
 def test_hard_mining_config_reaches_the_trainer():
-    from lesionkeras.trainers import segan
+    from lesionkeras.methods import segan
 
     cfg = config_lib.load_config(None, {
         "method": "segan", "model.filters": 4, "model.depth": 2, "segan.critic_filters": 4,
@@ -404,9 +449,7 @@ def test_hard_mining_config_reaches_the_trainer():
 
 
 def test_isic2018_vgg19se_config_builds_the_reports_networks():
-    from lesionkeras.trainers import segan
-    from lesionkeras.trainers.run import _check_sizes
-    from lesionkeras.trainers.stages import check_freeze_encoder
+    from lesionkeras.methods import segan
 
     path = "configs/segan_vgg19se_isic2018.toml"
     full = config_lib.load_config(path)
@@ -418,12 +461,65 @@ def test_isic2018_vgg19se_config_builds_the_reports_networks():
     )
     assert full.augment.flip and full.augment.rotate90 and full.augment.hue > 0
     assert full.model.encoder_filters == 64 and full.segan.hard_mining_weight == 0.0
-    _check_sizes(full)  # 224 is a multiple of 32
-    check_freeze_encoder(full)
+    segan.Segan(full).check()  # 224 is a multiple of 32; the encoder can be frozen
     cfg = config_lib.load_config(
         path, {"model.encoder_filters": 4, "model.filters": 2, "segan.critic_filters": 4}
     )
     model = segan.build(cfg, steps_per_epoch=2)
-    assert model.segmentor.name == "vgg19se" and len(model.critic.outputs) == 6
-    assert model.segmentor.get_layer("encoder").get_layer("block5_conv4").filters == 32
-    assert model.segmentor.get_layer("adaptive_logistic") is not None
+    assert model.network.name == "vgg19se" and len(model.critic.outputs) == 6
+    assert model.network.get_layer("encoder").get_layer("block5_conv4").filters == 32
+    assert model.network.get_layer("adaptive_logistic") is not None
+
+
+def test_segmentor_step_sees_the_updated_and_clamped_critic():
+    """Alg. of Xue et al.: the critic is updated and clamped, then the segmentor steps
+    against that critic. The segmentor's SGD update is predicted from each candidate
+    critic (after the step, before it, updated but not clamped); only the first fits."""
+    keras.utils.set_random_seed(0)
+    seg = build_segan((32, 32, 3), depth=2, filters=4)
+    critic = build_critic((32, 32, 3), filters=4, max_filters=16)
+    model = SegANTrainer(seg, critic, clip=0.02)
+    seg_lr, critic_lr = 0.5, 0.5
+    model.compile(seg_optimizer=keras.optimizers.SGD(seg_lr),
+                  critic_optimizer=keras.optimizers.SGD(critic_lr))
+    x, y = _batch()
+    theta0 = [v.numpy() for v in seg.trainable_variables]
+    seg_fixed = [v.numpy() for v in seg.non_trainable_variables]
+    c0 = [v.numpy() for v in critic.trainable_variables]
+    c_fixed = [v.numpy() for v in critic.non_trainable_variables]
+
+    def probs_at(theta):
+        logits, _ = seg.stateless_call(theta, seg_fixed, x, training=True)
+        return tf.sigmoid(logits)
+
+    # The critic update alone, by hand: gradient ascent on the loss, no clamp.
+    c0_t = [tf.constant(v) for v in c0]
+    with tf.GradientTape() as tape:
+        tape.watch(c0_t)
+        loss = model.multiscale_loss(x, tf.constant(probs_at(theta0)), y, training=True,
+                                     variables=(c0_t, c_fixed))
+    unclamped = [c + critic_lr * g.numpy() for c, g in zip(c0, tape.gradient(loss, c0_t))]
+    assert max(np.abs(u).max() for u in unclamped) > 0.02  # the clamp bites
+
+    model.train_on_batch(x, y)
+    theta1 = [v.numpy() for v in seg.trainable_variables]
+    c1 = [v.numpy() for v in critic.trainable_variables]
+    np.testing.assert_allclose(np.concatenate([c.ravel() for c in c1]),
+                               np.clip(np.concatenate([u.ravel() for u in unclamped]), -0.02, 0.02),
+                               atol=1e-5)
+
+    def predicted_update(critic_weights):
+        theta = [tf.constant(t) for t in theta0]
+        with tf.GradientTape() as tape:
+            tape.watch(theta)
+            loss = model.multiscale_loss(x, probs_at(theta), y, training=True,
+                                         variables=([tf.constant(c) for c in critic_weights], c_fixed))
+        return np.concatenate([(t - seg_lr * g.numpy()).ravel()
+                               for t, g in zip(theta0, tape.gradient(loss, theta))])
+
+    got = np.concatenate([t.ravel() for t in theta1])
+    moved = np.abs(got - np.concatenate([t.ravel() for t in theta0])).max()
+    errors = {name: np.abs(got - predicted_update(c)).max() / moved
+              for name, c in (("after", c1), ("before", c0), ("unclamped", unclamped))}
+    assert errors["after"] < 1e-3, errors
+    assert errors["before"] > 1e-2 and errors["unclamped"] > 1e-2, errors

@@ -5,7 +5,7 @@ import pytest
 from lesionkeras import losses
 from lesionkeras.models.resnet_unet import build_resnet_unet, encoder_layer
 from lesionkeras.models.unet import build_unet
-from lesionkeras.trainers import stages
+from lesionkeras.training import stages
 
 
 def _values(variables):

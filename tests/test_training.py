@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from lesionkeras import config as config_lib
 from lesionkeras.cli import main
-from lesionkeras.trainers import run as run_lib
+from lesionkeras.training import run as run_lib
 from _helpers import InterruptAfter
 
 TINY = {"data.image_size": 32, "model.filters": 8, "model.depth": 2, "train.batch_size": 4,

@@ -7,8 +7,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lesionkeras import config as config_lib
-from lesionkeras import export, inference
+from lesionkeras import export
 from lesionkeras.cli import main
+from lesionkeras.inference.loading import load_predictor
+from lesionkeras.inference.predictor import mc_dropout_predictor, mc_probabilities
 from lesionkeras.models import deeplab, registry
 
 SIZE = 32
@@ -45,10 +47,10 @@ def test_mc_statistics_of_a_known_dropout_model(tmp_path):
         [[[[1.0], [0.0], [0.0]]]]))(inputs)
     outputs = deeplab.MCDropout(0.5, seed=1)(x)
     run = _run(tmp_path / "run", keras.Model(inputs, outputs))
-    predictor, layers = inference.mc_dropout_predictor(inference.load_predictor(run))
+    predictor, layers = mc_dropout_predictor(load_predictor(run))
     assert len(layers) == 1
     image = np.full((SIZE, SIZE, 3), 200, np.uint8)  # normalised red channel: 2 -> logit 0 or 4
-    (mean,), (std,) = inference.mc_probabilities(predictor, [image], samples=40, layers=layers)
+    (mean,), (std,) = mc_probabilities(predictor, [image], samples=40, layers=layers)
     hi = 1 / (1 + np.exp(-4.0))
     assert mean.shape == std.shape == (SIZE, SIZE, 1)
     assert mean.mean() == pytest.approx((0.5 + hi) / 2, abs=0.01)
@@ -62,14 +64,14 @@ def test_unet_dropout_is_swapped_in_a_weight_sharing_clone(tmp_path):
     keras.utils.set_random_seed(4)
     model = registry.build("unet", input_shape=(SIZE, SIZE, 3), filters=8, depth=2, dropout=0.5)
     run = _run(tmp_path / "run", model, **{"model.dropout": 0.5})
-    plain = inference.load_predictor(run)
-    mc, layers = inference.mc_dropout_predictor(plain)
+    plain = load_predictor(run)
+    mc, layers = mc_dropout_predictor(plain)
     assert len(layers) == 1 and mc.model is not plain.model
     first = next(l for l in plain.model.layers if l.weights)
     assert any(w is first.weights[0] for w in mc.model.weights)  # shared, not copied
     image = export.parity_images(SIZE, 1, seed=2)[0]
     before = plain.probabilities([image])[0]
-    (mean,), (std,) = inference.mc_probabilities(mc, [image], samples=6, layers=layers)
+    (mean,), (std,) = mc_probabilities(mc, [image], samples=6, layers=layers)
     assert std.max() > 1e-3 and np.abs(mean - before).max() > 1e-4
     # Neither the original model nor the clone keeps dropout on afterwards.
     np.testing.assert_allclose(plain.probabilities([image])[0], before, atol=1e-6)
