@@ -1,6 +1,6 @@
 """Overhead of `lesionkeras fit` over a plain `keras.Model.fit` of the same U-Net.
 
-A is `lesionkeras.trainers.run.fit(cfg)` in-process: the `lesionkeras fit
+A is `lesionkeras.training.run.fit(cfg)` in-process: the `lesionkeras fit
 --method baseline` code path, with its tf.data pipeline (augmentation), the
 compiled metrics and all its callbacks (backup, NaN stop, learning-rate log,
 two checkpoints, CSV, TensorBoard, image grid). B is the same model builder,
@@ -141,7 +141,7 @@ class Data:
         import numpy as np
 
         from lesionkeras.data import pipeline
-        from lesionkeras.trainers import run
+        from lesionkeras.training import run
 
         df, _ = run.prepare_data(cfg)
         decoded = {
@@ -187,15 +187,15 @@ def plain_fit(cfg, data, *, with_metrics, lesionkeras_data):
     import keras
 
     from lesionkeras import losses, metrics
-    from lesionkeras.trainers import baseline
+    from lesionkeras.training import segmentation
 
     keras.utils.set_random_seed(cfg.seed)
-    model = baseline.build_model(cfg)
+    model = segmentation.build_model(cfg)
     model.compile(
-        optimizer=baseline.make_optimizer(cfg.train),
+        optimizer=segmentation.make_optimizer(cfg.train),
         loss=losses.get_loss(cfg.train.loss),
         metrics=metrics.default_metrics(cfg.train.threshold) if with_metrics else None,
-        jit_compile=baseline.jit_option(cfg.train),
+        jit_compile=segmentation.jit_option(cfg.train),
     )
     if lesionkeras_data:
         train, val = data.lesionkeras(cfg)
@@ -220,7 +220,7 @@ def main():
     import keras
 
     from lesionkeras.config import load_config
-    from lesionkeras.trainers import run
+    from lesionkeras.training import run
 
     cfg = load_config(
         None,

@@ -42,7 +42,7 @@ def disk_size(path: Path) -> int:
 
 def train(out: Path, seed: int, quick: bool) -> Path:
     from lesionkeras import config as config_lib
-    from lesionkeras.trainers import run as run_lib
+    from lesionkeras.training import run as run_lib
 
     cfg = config_lib.load_config(None, {
         # A barely trained model (4 epochs of 48 images: validation Dice 0.3-0.5,
@@ -69,8 +69,9 @@ def main() -> None:
     import tensorflow as tf
     from PIL import Image
 
-    from lesionkeras import export, inference
-    from lesionkeras.data import synthetic
+    from lesionkeras import export
+    from lesionkeras.data import pipeline, synthetic
+    from lesionkeras.inference.loading import TFLiteRunner, load_predictor
 
     rounds = args.rounds or (3 if args.quick else 5)
     work = Path(tempfile.mkdtemp(prefix="lesionkeras-inference-bench-"))
@@ -92,10 +93,10 @@ def main() -> None:
         export.export_model(run, artefacts[name], format="tflite", quantize=q,
                             representative_data=rep if q == "int8" else None, min_dice=0.0)
 
-    predictor = inference.load_predictor(run)
+    predictor = load_predictor(run)
     model = predictor.model
     raw = export.parity_images(SIZE, args.images, seed=args.seed + 2000).astype(np.float32)
-    norm = inference.pipeline.normalizer(predictor.mean, predictor.std)(raw).numpy()
+    norm = pipeline.normalizer(predictor.mean, predictor.std)(raw).numpy()
     reference = export.keras_probabilities(predictor, raw) >= predictor.threshold
 
     # One function per contender: raw 0-255 batch -> probabilities (Keras normalises
@@ -105,7 +106,7 @@ def main() -> None:
 
     def tflite(name):
         # Whole batches: the runner resizes the interpreter's input to the batch.
-        runner = inference.TFLiteRunner(artefacts[name], num_threads=2)
+        runner = TFLiteRunner(artefacts[name], num_threads=2)
         interpreters[name] = runner
         return lambda x: runner(x)["probabilities"]
 

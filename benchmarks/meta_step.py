@@ -73,7 +73,7 @@ def build(contender, shape, size, seed):
     import keras
 
     from lesionkeras.models.unet import build_unet
-    from lesionkeras.trainers.meta import MetaReweighter
+    from lesionkeras.methods.reweight import MetaReweighter
 
     keras.utils.set_random_seed(seed)
     net = build_unet((size, size, 3), **SHAPES[shape])

@@ -64,7 +64,7 @@ def main():
 
     from lesionkeras.config import AugmentConfig, load_config
     from lesionkeras.data import pipeline
-    from lesionkeras.trainers import baseline
+    from lesionkeras.methods import baseline
 
     keras.utils.set_random_seed(args.seed)
     decoded, mean, std = _common.synthetic_decoded(args.count, args.size)

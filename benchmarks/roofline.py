@@ -40,11 +40,11 @@ KINDS = ("conv", "batch norm", "ReLU", "pool/resize/concat")
 def probe_model(cfg, size):
     """The `cfg` model with a fixed input size, so every layer has a static shape."""
     from lesionkeras.models import registry
-    from lesionkeras.trainers import baseline
+    from lesionkeras.training import segmentation
 
     return registry.build(
         cfg.model_name, input_shape=(size, size, 3), out_channels=1,
-        **baseline.model_options(cfg.model, cfg.model_name),
+        **segmentation.model_options(cfg.model, cfg.model_name),
     )
 
 
@@ -106,7 +106,7 @@ def model_and_batch(size, batch, jit, seed, with_metrics=True):
     import tensorflow as tf
 
     from lesionkeras.config import load_config
-    from lesionkeras.trainers import baseline
+    from lesionkeras.methods import baseline
 
     cfg = load_config(
         None,

@@ -42,7 +42,7 @@ def main():
     from lesionkeras import losses
     from lesionkeras.models.critic import build_critic
     from lesionkeras.models.segan import build_segan
-    from lesionkeras.trainers.segan import SegANTrainer
+    from lesionkeras.methods.segan import SegANTrainer
 
     rounds = 5 if args.quick else 15
     rng = np.random.default_rng(args.seed)

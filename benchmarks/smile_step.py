@@ -39,6 +39,7 @@ def main():
 
     from lesionkeras import losses
     from lesionkeras.data import missing
+    from lesionkeras.inference.predictor import mc_dropout_predict
     from lesionkeras.models import deeplab
 
     k = len(missing.DEFAULT_STRUCTURES)
@@ -79,10 +80,10 @@ def main():
     ratio = med["smile"] / med["plain"]
 
     smile.predict(x, verbose=0, batch_size=args.batch)
-    deeplab.mc_dropout_predict(smile, x, samples=1, batch_size=args.batch)
+    mc_dropout_predict(smile, x, samples=1, batch_size=args.batch)
     predict_s = statistics.median(
         _common.timed(smile.predict, x, verbose=0, batch_size=args.batch) for _ in range(3))
-    mc_s = _common.timed(deeplab.mc_dropout_predict, smile, x, samples=args.samples,
+    mc_s = _common.timed(mc_dropout_predict, smile, x, samples=args.samples,
                          batch_size=args.batch)
     lines = [
         f"# SMILE step ({args.size} px, batch {args.batch}, K = {k}, resnet18_deeplab "

@@ -48,7 +48,7 @@ def main():
     import tensorflow as tf
 
     from lesionkeras import config as config_lib
-    from lesionkeras.trainers import unet34
+    from lesionkeras.methods import unet34
 
     sizes = [int(s) for s in args.sizes.split(",")]
     rounds = 3 if args.quick else 10
