@@ -23,6 +23,7 @@ Example:
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from lesionkeras.shapes import as_float32, check_shapes
@@ -522,7 +523,6 @@ class SmileLoss(keras.losses.Loss):
 
 def _priorities(k, container):
     """Label priority of each structure: later listed wins; the container loses to all."""
-    import numpy as np
 
     rank = np.arange(2, k + 2, dtype="float32")
     if container is not None:

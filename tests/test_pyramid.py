@@ -68,12 +68,12 @@ def test_stage_datasets_have_each_stages_size():
     df, _ = run.prepare_data(cfg)
     train_df = df[df["split"] == "train"].reset_index(drop=True)
     planned = unet34.stages(cfg, train_df, (120.0,) * 3, (50.0,) * 3)
-    assert [epochs for _, epochs, _, _ in planned] == [1, 2, 3]
-    shapes = [tuple(next(iter(ds))[0].shape[1:3]) for ds, *_ in planned]
-    masks = [tuple(next(iter(ds))[1].shape[1:3]) for ds, *_ in planned]
+    assert [stage.epochs for stage in planned] == [1, 2, 3]
+    shapes = [tuple(next(iter(stage.dataset))[0].shape[1:3]) for stage in planned]
+    masks = [tuple(next(iter(stage.dataset))[1].shape[1:3]) for stage in planned]
     assert shapes == masks == [(32, 32), (32, 32), (64, 64)]
     # One stream per size, shared by the stages at that size.
-    assert planned[0][0] is planned[1][0] and planned[1][0] is not planned[2][0]
+    assert planned[0].dataset is planned[1].dataset and planned[1].dataset is not planned[2].dataset
 
 
 @pytest.mark.slow
@@ -85,7 +85,7 @@ def test_cli_pyramid_carries_weights_one_continuous_run(tmp_path, monkeypatch):
 
     def recording_stages(*args):
         planned = real_stages(*args)
-        seen.extend(ds for ds, *_ in planned)
+        seen.extend(stage.dataset for stage in planned)
         return planned
 
     monkeypatch.setattr(unet34, "stages", recording_stages)
@@ -188,7 +188,7 @@ def test_lr_find_per_stage_uses_that_stages_model_and_restores_weights(tmp_path,
         return real_test(m, ds, **kw)
 
     monkeypatch.setattr(lr_find, "lr_range_test", spy)
-    setups = [s for *_, s in unet34.stages(cfg, *_train_rows(cfg))]
+    setups = [stage.setup for stage in unet34.stages(cfg, *_train_rows(cfg))]
     functools.partial(setups[1], dataset=_one_batch_ds())(model)  # stage 2: encoder convolutions trainable, batch norms not
 
     enc = model.get_layer("encoder")

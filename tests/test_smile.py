@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -309,6 +310,45 @@ def test_smiler_rounds_record_true_and_false_positives(tmp_path):
     assert len(pd.read_csv(result.run_dir / "history.csv")) == 1 + 2
     assert (result.run_dir / "smile.keras").exists()
     assert list((result.run_dir / "tensorboard" / "smiler").iterdir())
+
+
+def test_smiler_resumed_mid_round_trains_on_the_same_labels(tmp_path):
+    """The rounds are stages of the one run loop: a run interrupted inside round 2 resumes
+    there, on the labels chosen before the interruption (not re-predicted), epochs numbered on."""
+    import numpy as np
+    import pandas as pd
+
+    from _helpers import InterruptAfter
+    from lesionkeras.training import run
+
+    cfg = _tiny_cfg(tmp_path, "smile", **{
+        "smile.simulate_missing": 0.5, "smile.relabel_rounds": 2, "smile.relabel_epochs": 2,
+        "train.image_every": 0,
+    })
+    lines = []
+    # Epoch 0: SMILE; 1-2: round 1; 3-4: round 2. Stop at the end of epoch 3.
+    with pytest.raises(KeyboardInterrupt):
+        run.fit(cfg, verbose=0, log=lines.append, extra_callbacks=[InterruptAfter(3)])
+    run_dir = Path(cfg.out)
+    assert sum("SMILEr round" in line for line in lines) == 2
+    state = np.load(run_dir / "relabel_state.npz")
+    added_before = state["added"].copy()
+    assert int(state["round"]) == 2 and added_before.any()
+    assert not (run_dir / "relabel.csv").exists()
+
+    lines = []
+    result = run.fit(cfg, resume_dir=run_dir, verbose=0, log=lines.append)
+    assert not any("SMILEr round" in line for line in lines)  # nothing re-predicted
+    assert result.epochs_run == 1
+    assert list(pd.read_csv(run_dir / "history.csv")["epoch"]) == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(np.load(run_dir / "relabel_state.npz")["added"], added_before)
+    table = pd.read_csv(run_dir / "relabel.csv")
+    assert list(table["round"]) == [1, 1, 1, 2, 2, 2]
+    assert table.groupby("round")["added"].sum()[2] == added_before.sum()
+    # Validation Dice of each round's last epoch (2 and 4), read from history.csv.
+    hist = pd.read_csv(run_dir / "history.csv").set_index("epoch")
+    np.testing.assert_allclose(table["val_dice"][table["round"] == 2],
+                               [hist.loc[4, f"val_dice_{s}"] for s in ("lesion", "globules", "streaks")])
 
 
 def test_mc_dropout_relabelling_needs_dropout_model(tmp_path):

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
+from PIL import Image
 
 from lesionkeras import config as config_lib
 from lesionkeras.classify import metrics as cmetrics
@@ -129,8 +131,6 @@ def evaluate(model_path, data=None, out=None, batch_size=None, limit=None):
 
 def predict(model_path, input_path, out, batch_size=None):
     """Writes `<image>_attribute_<name>.png` (0/255, original size); returns the image count."""
-    import tensorflow as tf
-    from PIL import Image
 
     cfg, network = _load(model_path)
     size = cfg.data.crop_size or cfg.data.image_size

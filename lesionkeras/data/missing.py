@@ -42,10 +42,12 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from PIL import Image
 
 from lesionkeras.data import pipeline
 from lesionkeras.data.classes import ATTRIBUTES
@@ -107,8 +109,6 @@ def _parse_flag(value, where):
 
 
 def _is_empty_mask(path):
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             return int(np.asarray(im.convert("L")).max()) < 128
@@ -363,7 +363,6 @@ def write_dropped(source, out_dir, *, alpha, seed, structures=DEFAULT_STRUCTURES
     Returns:
         The written manifest DataFrame.
     """
-    from pathlib import Path
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -478,9 +477,7 @@ def slice_volumes(manifest_csv, structures, out_dir):
         DataError: a missing column or file, a bad rank, or masks whose shape
             differs from the image volume's; the message names the file.
     """
-    from pathlib import Path
 
-    from PIL import Image
 
     csv = Path(manifest_csv)
     vols = pd.read_csv(csv, dtype=str).fillna("")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from PIL import Image
 
 from lesionkeras.data.augment import Augmenter
 from lesionkeras.data.color import apply_color_constancy
@@ -27,8 +28,6 @@ _PIL_SUFFIXES = r".*\.(bmp|tif|tiff)$"
 
 
 def _pil_read(path, mode):
-    from PIL import Image
-
     # Eager calls pass str, graph calls bytes (or 0-d arrays of them).
     path, mode = (v.item() if isinstance(v, np.ndarray) else v for v in (path, mode))
     path, mode = (v.decode() if isinstance(v, bytes) else v for v in (path, mode))

@@ -101,8 +101,8 @@ def _warm_start(smile_dir, run_dir, cfg):
     tmp = run_dir.with_name(run_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(smile_dir, tmp)
-    # Without metrics.json the cell counts as interrupted: `fit --resume` trains no
-    # further epochs and runs `after_fit`, i.e. the SMILEr rounds.
+    # Without metrics.json the cell counts as interrupted: `fit --resume` skips the
+    # finished SMILE stage and trains the SMILEr rounds, its remaining stages.
     (tmp / "metrics.json").unlink()
     cfg.save(tmp / "config.toml")
     tmp.rename(run_dir)

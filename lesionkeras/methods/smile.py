@@ -20,20 +20,24 @@ the attribute. The model outputs K + 1 logits (channel 0 = background);
 probabilities (the container's is 1 - p(background)) for the metrics,
 `evaluate` and `predict`, so both methods are scored the same way.
 
-SMILEr (`smile.relabel_rounds` > 0) runs after SMILE training through the
-`after_fit` hook (`run_smiler`). A manifest CSV of `.npy` volumes is sliced
+SMILEr (`smile.relabel_rounds` > 0): the relabelling rounds are further
+stages of the same run after SMILE training (`Relabelling`). A manifest CSV of `.npy` volumes is sliced
 into 2D samples by `load_manifest` (`missing.slice_volumes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 from pathlib import Path
 
-import keras
 import numpy as np
+import pandas as pd
+import tensorflow as tf
 
-from lesionkeras import config
+from lesionkeras import config, files
 from lesionkeras import losses, metrics
 from lesionkeras.errors import ConfigError
 from lesionkeras.data import missing
@@ -167,7 +171,6 @@ def load_manifest(cfg):
     source = cfg.data.source
     if not missing.is_volume_manifest(source):
         return None
-    import hashlib
 
     key = hashlib.sha1(str(Path(source).resolve()).encode()).hexdigest()[:12]
     df = missing.slice_volumes(source, structures(cfg), synthetic.cache_root() / "volumes" / key)
@@ -265,13 +268,6 @@ def _check_relabel(cfg):
         )
 
 
-def after_fit(cfg, model, val_ds, log, train_df=None, mean=None, std=None):
-    """SMILEr rounds on the best SMILE checkpoint when `smile.relabel_rounds` > 0."""
-    if cfg.method != "smile" or not cfg.smile.relabel_rounds or train_df is None:
-        return cfg, model
-    return cfg, run_smiler(cfg, model, train_df, mean, std, val_ds, log)
-
-
 def _stack(df, names, size):
     """All rows of `df` as numpy (images uint8, masks float32, flags float32)."""
     ds = missing.decoded_dataset(df, names, size, cache=False).batch(max(len(df), 1))
@@ -279,127 +275,191 @@ def _stack(df, names, size):
     return images.numpy(), masks.numpy().astype(np.float32), flags.numpy()
 
 
-def run_smiler(cfg, model, train_df, mean, std, val_ds=None, log=print):
-    """SMILEr (Petit, Thome et al. 2018, Algorithm 1): T relabelling rounds, warm start.
+class Relabelling:
+    """SMILEr (Petit, Thome et al. 2018, Algorithm 1) as stages of the run loop.
 
-    Round t = 1..T predicts on the training images, adds for every
+    Round t = 1..T is one `Stage` of `smile.relabel_epochs` epochs. When it
+    starts, the model so far (round 1: the best SMILE checkpoint, kept as
+    `smile.keras`) predicts on the training images, and for every
     non-annotated structure the top gamma_t = t / T * gamma_max of its
     predicted-positive unknown pixels (`missing.relabel`; highest score, or
-    lowest MC-dropout std with `smile.uncertainty = "mc-dropout"`) as positive
-    labels (union with the earlier rounds) and trains `smile.relabel_epochs`
-    more epochs. When the full truth is known (`dropped_<name>` columns of
-    simulated missing labels) the added pixels are counted as true or false
-    positives, the paper's key indicator. Writes, in the run directory:
-    `relabel.csv` (round, gamma, structure, added, true/false positives,
-    val_dice), per-round scalars in `tensorboard/smiler/`, the epochs in
-    `history.csv` and `tensorboard/` (numbered on), `smile.keras` (the SMILE
-    model before relabelling) and `model.keras` (the final SMILEr model).
+    lowest MC-dropout std with `smile.uncertainty = "mc-dropout"`) are added as
+    positive labels (union with the earlier rounds); the round then trains on
+    them. `model.keras` is the best epoch of the rounds. When the full truth is
+    known (`dropped_<name>` columns of simulated missing labels) the added
+    pixels are counted as true or false positives, the paper's key indicator.
+
+    Run directory: `relabel_state.npz` (the labels added so far, so a resumed
+    round trains on the same labels), `relabel.csv` (round, gamma, structure,
+    added, true/false positives, validation Dice at the round's end) and
+    per-round scalars in `tensorboard/smiler/`.
 
     Args:
-        cfg: `Config` with `method = "smile"`.
-        model: compiled SMILE model (warm start).
+        cfg: `Config` with `method = "smile"` and `out` the run directory.
         train_df: the training rows of the manifest.
         mean, std: normalisation statistics (0-255 scale).
-        val_ds: validation batches or None.
         log: callable for status lines.
-
-    Returns:
-        The retrained model.
     """
-    import pandas as pd
-    import tensorflow as tf
 
-    sm = cfg.smile
-    names = structures(cfg)
-    container = container_index(cfg, names)
-    run_dir = Path(cfg.out)
-    images, masks, flags = _stack(train_df, names, cfg.data.image_size)
-    if container is not None:
-        targets, weights = missing.nested_targets_and_weights(masks, flags, container)
-    else:
-        targets, weights = masks, missing.smile_weights(masks, flags)
-    targets, weights = np.asarray(targets, np.float32), np.asarray(weights, np.float32)
-    # The full truth of labels removed by the simulation, to score the added pixels.
-    known = np.zeros_like(flags, dtype=bool)
-    truth = None
-    if any(f"dropped_{s}" in train_df for s in names):
-        full = train_df.copy()
-        for k, s in enumerate(names):
-            if f"dropped_{s}" in full:
-                dropped = full[f"dropped_{s}"].to_numpy(bool)
-                known[:, k] = dropped & (flags[:, k] <= 0)
-                full[f"annotated_{s}"] = full[f"annotated_{s}"].to_numpy(bool) | dropped
-        truth = _stack(full, names, cfg.data.image_size)[1] > 0.5
-    norm = pipeline.normalizer(mean, std)
-    x = norm(tf.convert_to_tensor(images, tf.float32)).numpy()
-    aug = Augmenter(cfg.augment, seed=cfg.seed)
-    kk = len(names)
-    if (run_dir / "model.keras").exists():
-        (run_dir / "smile.keras").write_bytes((run_dir / "model.keras").read_bytes())
-    done = len(pd.read_csv(run_dir / "history.csv")) if (run_dir / "history.csv").exists() else 0
-    writer = tf.summary.create_file_writer(str(run_dir / "tensorboard" / "smiler"))
-    added = np.zeros_like(weights, dtype=bool)
-    rows = []
+    STATE = "relabel_state.npz"
 
-    @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors
-    def finish(i, m):
-        i = tf.cast(i, tf.float32)
-        if aug.active:
-            i, m = aug(i, m)
-        return norm(i), m[..., :kk], m[..., kk:]
-    for t in range(1, sm.relabel_rounds + 1):
+    def __init__(self, cfg, train_df, mean, std, log=print):
+        self.cfg, self.train_df, self.mean, self.std, self.log = cfg, train_df, mean, std, log
+        self.names = structures(cfg)
+        self.run_dir = Path(cfg.out)
+        self.first_epoch = 0
+        self._arrays = None
+
+    def stages(self, first_epoch) -> list:
+        """One `Stage` per round; the rounds start at epoch `first_epoch` (0-based)."""
+        self.first_epoch = first_epoch
+        sm = self.cfg.smile
+        return [
+            Stage(functools.partial(self.dataset, t), sm.relabel_epochs,
+                  setup=self.warm_start if t == 1 else _previous_round, new_best=t == 1)
+            for t in range(1, sm.relabel_rounds + 1)
+        ]
+
+    def warm_start(self, model):
+        """Round 1 starts from the best SMILE checkpoint, copied once to `smile.keras`."""
+        smile_ckpt, best = self.run_dir / "smile.keras", self.run_dir / "model.keras"
+        if not smile_ckpt.exists() and best.exists():
+            files.copy(best, smile_ckpt)
+        if not smile_ckpt.exists():
+            return False
+        model.load_weights(smile_ckpt)
+        return True
+
+    def _load(self):
+        if self._arrays is None:
+            names, size = self.names, self.cfg.data.image_size
+            images, masks, flags = _stack(self.train_df, names, size)
+            container = container_index(self.cfg, names)
+            if container is not None:
+                targets, weights = missing.nested_targets_and_weights(masks, flags, container)
+            else:
+                targets, weights = masks, missing.smile_weights(masks, flags)
+            # The full truth of labels removed by the simulation, to score the added pixels.
+            known, truth = np.zeros_like(flags, dtype=bool), None
+            if any(f"dropped_{s}" in self.train_df for s in names):
+                full = self.train_df.copy()
+                for k, s in enumerate(names):
+                    if f"dropped_{s}" in full:
+                        dropped = full[f"dropped_{s}"].to_numpy(bool)
+                        known[:, k] = dropped & (flags[:, k] <= 0)
+                        full[f"annotated_{s}"] = full[f"annotated_{s}"].to_numpy(bool) | dropped
+                truth = _stack(full, names, size)[1] > 0.5
+            self._arrays = dict(
+                images=images, flags=flags, known=known, truth=truth,
+                targets=np.asarray(targets, np.float32), weights=np.asarray(weights, np.float32))
+        return self._arrays
+
+    def _state(self):
+        path = self.run_dir / self.STATE
+        if not path.exists():
+            return None
+        with np.load(path) as z:
+            return {"round": int(z["round"]), "added": z["added"],
+                    "rows": json.loads(str(z["rows"]))}
+
+    def _added(self, t, model):
+        """The labels added through round t: computed now, or read back on resume."""
+        state = self._state()
+        if state is not None and state["round"] >= t:
+            return state["added"]
+        a, sm = self._load(), self.cfg.smile
         gamma = t / sm.relabel_rounds * sm.gamma_max
+        x = pipeline.normalizer(self.mean, self.std)(
+            tf.convert_to_tensor(a["images"], tf.float32)).numpy()
         if sm.uncertainty == "mc-dropout":
             scores, sd = inference_predictor.mc_dropout_predict(
-                model, x, samples=sm.mc_samples, batch_size=cfg.train.batch_size)
+                model, x, samples=sm.mc_samples, batch_size=self.cfg.train.batch_size)
         else:
-            logits = model.predict(x, batch_size=cfg.train.batch_size, verbose=0)
+            logits = model.predict(x, batch_size=self.cfg.train.batch_size, verbose=0)
             scores, sd = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float32))), None
-        added |= missing.relabel(weights, flags, scores, gamma, threshold=cfg.train.threshold,
-                                 std=sd)
-        new_t = np.maximum(targets, added).astype(np.float32)
-        new_w = np.maximum(weights, added).astype(np.float32)
-        ds = tf.data.Dataset.from_tensor_slices((images, np.concatenate([new_t, new_w], -1)))
-        ds = ds.shuffle(len(images), seed=cfg.seed + t).batch(
-            cfg.train.batch_size, drop_remainder=len(images) >= cfg.train.batch_size)
+        added = np.zeros_like(a["weights"], dtype=bool) if state is None else state["added"]
+        added = added | missing.relabel(a["weights"], a["flags"], scores, gamma,
+                                        threshold=self.cfg.train.threshold, std=sd)
+        rows = ([] if state is None else state["rows"]) + self._score(t, gamma, added)
+        with files.atomic_path(self.run_dir / self.STATE) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, round=t, added=added, rows=json.dumps(rows))
+        return added
 
-        ds = ds.map(finish, num_parallel_calls=pipeline.AUTOTUNE).prefetch(pipeline.AUTOTUNE)
-        model.fit(
-            ds, validation_data=val_ds, initial_epoch=done, epochs=done + sm.relabel_epochs,
-            verbose=2 if cfg.train.progress else 0, shuffle=False,  # shuffled, seeded
-            callbacks=[keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-                       keras.callbacks.TensorBoard(str(run_dir / "tensorboard"))],
-        )
-        done += sm.relabel_epochs
-        val = model.evaluate(val_ds, verbose=0, return_dict=True) if val_ds is not None else {}
+    def _score(self, t, gamma, added):
+        """Rows of round t (one per structure), TensorBoard scalars and the status line."""
+        a, rows = self._arrays, []
+        writer = tf.summary.create_file_writer(str(self.run_dir / "tensorboard" / "smiler"))
         with writer.as_default(step=t):
             tf.summary.scalar("smiler/gamma", gamma)
             tf.summary.scalar("smiler/added_pixels", float(added.sum()))
-            for key, value in val.items():
-                tf.summary.scalar(f"smiler/val_{key}", float(value))
-            for k, s in enumerate(names):
+            for k, s in enumerate(self.names):
                 row = {"round": t, "gamma": gamma, "structure": s,
                        "added": int(added[..., k].sum())}
-                if truth is not None and known[:, k].any():
-                    scored = added[..., k] & known[:, None, None, k]
-                    row["true_positives"] = int((scored & truth[..., k]).sum())
-                    row["false_positives"] = int((scored & ~truth[..., k]).sum())
+                if a["truth"] is not None and a["known"][:, k].any():
+                    scored = added[..., k] & a["known"][:, None, None, k]
+                    row["true_positives"] = int((scored & a["truth"][..., k]).sum())
+                    row["false_positives"] = int((scored & ~a["truth"][..., k]).sum())
                     tf.summary.scalar(f"smiler/true_positives_{s}", row["true_positives"])
                     tf.summary.scalar(f"smiler/false_positives_{s}", row["false_positives"])
-                row["val_dice"] = float(val.get(f"dice_{s}", np.nan))
                 tf.summary.scalar(f"smiler/added_{s}", row["added"])
                 rows.append(row)
-        this = [r for r in rows if r["round"] == t]
-        tp = sum(r.get("true_positives", 0) for r in this)
-        fp = sum(r.get("false_positives", 0) for r in this)
-        scored_note = f", {tp} true / {fp} false positives" if truth is not None else ""
-        log(f"SMILEr round {t}/{sm.relabel_rounds}: gamma {gamma:.2f}, "
-            f"{int(added.sum())} labels added{scored_note}"
-            + (f"; val_dice {val['dice']:.4f}" if "dice" in val else ""))
-    writer.close()
-    pd.DataFrame(rows).to_csv(run_dir / "relabel.csv", index=False)
-    model.save(run_dir / "model.keras")
-    return model
+        writer.close()
+        tp = sum(r.get("true_positives", 0) for r in rows)
+        fp = sum(r.get("false_positives", 0) for r in rows)
+        scored_note = f", {tp} true / {fp} false positives" if a["truth"] is not None else ""
+        self.log(f"SMILEr round {t}/{self.cfg.smile.relabel_rounds}: gamma {gamma:.2f}, "
+                 f"{int(added.sum())} labels added{scored_note}")
+        return rows
+
+    def dataset(self, t, model):
+        """Round t's training batches: (image, K targets, K weight maps) with the added labels."""
+        added = self._added(t, model)
+        a, cfg = self._load(), self.cfg
+        kk = len(self.names)
+        targets = np.maximum(a["targets"], added).astype(np.float32)
+        weights = np.maximum(a["weights"], added).astype(np.float32)
+        norm = pipeline.normalizer(self.mean, self.std)
+        aug = Augmenter(cfg.augment, seed=cfg.seed)
+
+        @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors
+        def finish(i, m):
+            i = tf.cast(i, tf.float32)
+            if aug.active:
+                i, m = aug(i, m)
+            return norm(i), m[..., :kk], m[..., kk:]
+
+        n = len(a["images"])
+        ds = tf.data.Dataset.from_tensor_slices(
+            (a["images"], np.concatenate([targets, weights], -1)))
+        ds = ds.shuffle(n, seed=cfg.seed + t).batch(
+            cfg.train.batch_size, drop_remainder=n >= cfg.train.batch_size)
+        return ds.map(finish, num_parallel_calls=pipeline.AUTOTUNE).prefetch(pipeline.AUTOTUNE)
+
+    def write_table(self):
+        """`relabel.csv`: the rounds' rows, with the validation Dice at each round's end."""
+        state = self._state()
+        if state is None:
+            return
+        table = pd.DataFrame(state["rows"])
+        hist_path = self.run_dir / "history.csv"
+        hist = pd.read_csv(hist_path) if hist_path.exists() else pd.DataFrame()
+        epochs = self.cfg.smile.relabel_epochs
+
+        def val_dice(row):
+            end = self.first_epoch + row["round"] * epochs - 1
+            at = hist[hist["epoch"] == end] if "epoch" in hist else hist.iloc[:0]
+            col = f"val_dice_{row['structure']}"
+            return float(at[col].iloc[-1]) if len(at) and col in at else float("nan")
+
+        table["val_dice"] = table.apply(val_dice, axis=1)
+        with files.atomic_path(self.run_dir / "relabel.csv") as tmp:
+            table.to_csv(tmp, index=False)
+
+
+def _previous_round(model):
+    """Rounds after the first continue from the previous round's weights (the run
+    loop loads them from the backup when a run resumes at a round's start)."""
 
 
 @method.register
@@ -417,9 +477,16 @@ class Smile(SegmentationMethod):
     def prepare_manifest(self, df):
         return prepare_manifest(self.cfg, df)
 
+    relabelling = None
+
     def stages(self, data):
-        return [Stage(train_dataset(self.cfg, data.train_df, data.mean, data.std),
-                      self.cfg.train.epochs)]
+        out = [Stage(train_dataset(self.cfg, data.train_df, data.mean, data.std),
+                     self.cfg.train.epochs)]
+        if self.cfg.method == "smile" and self.cfg.smile.relabel_rounds:
+            self.relabelling = Relabelling(self.cfg, data.train_df, data.mean, data.std,
+                                           self.log)
+            out += self.relabelling.stages(first_epoch=self.cfg.train.epochs)
+        return out
 
     def val_dataset(self, data, keep, batch_size):
         return val_dataset(self.cfg, data.val_df.iloc[:keep], data.mean, data.std, batch_size)
@@ -428,6 +495,6 @@ class Smile(SegmentationMethod):
         return build(self.cfg, steps_per_epoch)
 
     def after_fit(self, best, val_ds, data, log):
-        self.cfg, best = after_fit(self.cfg, best, val_ds, log, train_df=data.train_df,
-                                   mean=data.mean, std=data.std)
+        if self.relabelling is not None:
+            self.relabelling.write_table()
         return best

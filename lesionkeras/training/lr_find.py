@@ -25,6 +25,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageDraw
 
 from lesionkeras.training import method as method_lib
@@ -48,8 +49,6 @@ class LRFindResult:
     conclusive: bool = True
 
     def write_csv(self, path):
-        import pandas as pd
-
         pd.DataFrame(
             {"learning_rate": self.lrs, "loss": self.losses, "smoothed_loss": self.smoothed}
         ).to_csv(path, index=False)

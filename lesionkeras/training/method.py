@@ -16,7 +16,8 @@ differs, through the hooks below, called in this order:
     after_build(model)            outside the scope (e.g. weights from another run)
     callbacks(data, model)        before the checkpoint and log writers
     describe(model, data)         the one status line printed before training
-    after_fit(best, val_ds, data, log)   on the best checkpoint (may update `self.cfg`)
+    after_fit(best, val_ds, data, log)   on the best checkpoint (may update `self.cfg`;
+                                  `val_ds` is None without validation images)
     final_metrics(best, val_ds, data, run_dir)
 
 A wrapper model (a custom `train_step` around a network) keeps that network in
@@ -49,18 +50,23 @@ class Stage(NamedTuple):
     """One `model.fit` of a run: epochs are numbered on from the previous stage.
 
     Args:
-        dataset: `tf.data.Dataset`. The stage's training batches.
+        dataset: `tf.data.Dataset`, or callable(model) -> `tf.data.Dataset` built when
+            the stage starts, after `setup` (e.g. labels predicted by the model so far).
         epochs: int. Epochs of the stage.
         lr: float or None. Learning rate set when the stage starts (None: unchanged).
         setup: callable(model) or None. Run in the strategy scope before the stage
             (e.g. freeze layers and recompile); the stage then starts from the
-            previous stage's weights without its optimiser state.
+            previous stage's weights without its optimiser state. A setup that
+            returns True has chosen the stage's starting weights itself.
+        new_best: bool. `model.keras` is the best epoch from this stage on (earlier
+            stages only prepare it, as SMILE training before the SMILEr rounds).
     """
 
     dataset: Any
     epochs: int
     lr: float | None = None
     setup: Callable | None = None
+    new_best: bool = False
 
 
 @dataclasses.dataclass
@@ -158,7 +164,10 @@ class Method:
                 f"{len(data.train_df)} images, validating on {len(data.val_df)}")
 
     def after_fit(self, best, val_ds, data: RunData, log):
-        """Runs on the best checkpoint before its final validation; returns the model to score."""
+        """Runs on the best checkpoint before its final validation; returns the model to score.
+
+        `val_ds` is None when the run has no validation images.
+        """
         return best
 
     def final_metrics(self, best, val_ds, data: RunData, run_dir) -> dict:

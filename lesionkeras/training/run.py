@@ -103,11 +103,16 @@ def _removed_on_setup_error(run_dir, fresh):
         raise
 
 
-def best_so_far(history_csv: Path, monitor: str):
-    """The best `monitor` in a run's history.csv so far (None: no finite value yet)."""
+def best_so_far(history_csv: Path, monitor: str, since: int = 0):
+    """The best `monitor` in a run's history.csv from epoch `since` (0-based) on.
+
+    None: no finite value yet.
+    """
     if not history_csv.exists():
         return None
     hist = pd.read_csv(history_csv)
+    if "epoch" in hist:
+        hist = hist[hist["epoch"] >= since]
     if monitor not in hist or hist[monitor].dropna().empty:
         return None
     return float(hist[monitor].max())
@@ -161,31 +166,30 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
 
     monitor = ("val_" if val_ds is not None else "") + method.monitor
     nan_stop = StopOnNaN()
+    checkpoints = SaveCheckpoints(run_dir / "model.keras", run_dir / "last.keras", monitor)
     callbacks = [
         keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
         nan_stop,
         # Before the writers below, so that what they add to the logs is written.
         *method.callbacks(data, model),
-        SaveCheckpoints(run_dir / "model.keras", run_dir / "last.keras", monitor,
-                        initial_best=best_so_far(run_dir / "history.csv", monitor)),
+        checkpoints,
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
         *extra_callbacks,
     ]
     log(f"{method.describe(model, data)}; strategy {type(strategy).__name__} with "
         f"{strategy.num_replicas_in_sync} replica(s); precision {policy}")
-    epochs_run = _run_stages(model, strategy, stages, val_ds, callbacks, nan_stop, run_dir,
-                             verbose if cfg.train.progress else (2 if verbose else 0))
+    epochs_run = _run_stages(model, strategy, stages, val_ds, callbacks, nan_stop, checkpoints,
+                             run_dir, verbose if cfg.train.progress else (2 if verbose else 0))
     nan_stop.raise_if_stopped(run_dir)
     if not (run_dir / "model.keras").exists():
         method_lib.network_of(model).save(run_dir / "model.keras")  # the monitor was never finite
     best = keras.saving.load_model(run_dir / "model.keras")
-    if val_ds is not None:
-        # E.g. a threshold chosen on validation, stored with the run.
-        best = method.after_fit(best, val_ds, data, log)
-        if method.cfg is not cfg:
-            cfg = method.cfg
-            cfg.save(run_dir / "config.toml")
+    # E.g. a threshold chosen on validation, stored with the run.
+    best = method.after_fit(best, val_ds, data, log)
+    if method.cfg is not cfg:
+        cfg = method.cfg
+        cfg.save(run_dir / "config.toml")
     metrics = method.final_metrics(best, val_ds, data, run_dir)
     metrics.update(
         epochs=int(_history_len(run_dir / "history.csv")),
@@ -196,19 +200,29 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
     return FitResult(run_dir, metrics, epochs_run, warnings)
 
 
-def _run_stages(model, strategy, stages, val_ds, callbacks, nan_stop, run_dir, verbose):
-    """Fits each stage in turn, epochs numbered on; returns the epochs trained now."""
-    epochs_run = done = 0
+def _run_stages(model, strategy, stages, val_ds, callbacks, nan_stop, checkpoints, run_dir,
+                verbose):
+    """Fits each stage in turn, epochs numbered on; returns the epochs trained now.
+
+    On resume, stages that ended before the interruption are skipped (except the
+    last, which may have more epochs now).
+    """
+    epochs_run = done = best_since = 0
     resume_epoch = _backup_epoch(run_dir / "backup")
     for i, stage in enumerate(stages):
+        if stage.new_best:
+            best_since = done
+        if (resume_epoch is not None and done + stage.epochs <= resume_epoch
+                and i + 1 < len(stages)):
+            done += stage.epochs  # finished before the interruption
+            continue
         if stage.setup is not None:
-            if (resume_epoch is not None and done + stage.epochs <= resume_epoch
-                    and i + 1 < len(stages)):
-                done += stage.epochs  # finished before the interruption
-                continue
             with strategy.scope():
-                stage.setup(model)
-            _carry_backup_into_stage(model, run_dir / "backup", done)
+                chose_weights = bool(stage.setup(model))
+            _carry_backup_into_stage(model, run_dir / "backup", done, load=not chose_weights)
+        checkpoints.best = _or_minus_inf(
+            best_so_far(run_dir / "history.csv", checkpoints.monitor, since=best_since))
+        dataset = stage.dataset(model) if callable(stage.dataset) else stage.dataset
         stage_callbacks = callbacks
         if i:
             # A TensorBoard callback closes its writers at the end of a fit.
@@ -223,7 +237,7 @@ def _run_stages(model, strategy, stages, val_ds, callbacks, nan_stop, run_dir, v
                                *stage_callbacks[1:]]
         compat.forget_restored_epoch(model)
         history = model.fit(
-            stage.dataset,
+            dataset,
             validation_data=val_ds,
             initial_epoch=done,
             epochs=done + stage.epochs,
@@ -236,6 +250,10 @@ def _run_stages(model, strategy, stages, val_ds, callbacks, nan_stop, run_dir, v
         if nan_stop.where:
             break
     return epochs_run
+
+
+def _or_minus_inf(value):
+    return -float("inf") if value is None else value
 
 
 def fit_folds(cfg, folds=None, *, resume_dir=None, verbose=1, log=print,
@@ -322,7 +340,7 @@ def _backup_epoch(backup_dir: Path):
     return max(epochs) if epochs else None
 
 
-def _carry_backup_into_stage(model, backup_dir: Path, done: int):
+def _carry_backup_into_stage(model, backup_dir: Path, done: int, load=True):
     """Loads a backup taken at the end of the previous stage without its optimizer.
 
     A stage's `setup` may recompile the model, so the backup's optimizer slots
@@ -330,6 +348,7 @@ def _carry_backup_into_stage(model, backup_dir: Path, done: int):
     stage boundary) and the backup is removed so `BackupAndRestore` starts afresh.
     The weights are kept as `stage_start` until the stage writes its own backup,
     so a run interrupted in the stage's first epoch resumes at the stage's start.
+    With `load=False` (the stage's setup chose its weights) nothing is loaded.
     """
     def recorded(name):
         path = backup_dir / name
@@ -339,11 +358,13 @@ def _carry_backup_into_stage(model, backup_dir: Path, done: int):
     start = backup_dir / "stage_start.weights.h5"
     latest = recorded(compat.BACKUP_METADATA)
     if latest == done and weights.exists():
-        model.load_weights(weights, objects_to_skip=[model.optimizer])
+        if load:
+            model.load_weights(weights, objects_to_skip=[model.optimizer])
         model.save_weights(start)
         (backup_dir / "stage_start.json").write_text(json.dumps({"epoch": done}))
     elif latest is None and recorded("stage_start.json") == done and start.exists():
-        model.load_weights(start, objects_to_skip=[model.optimizer])
+        if load:
+            model.load_weights(start, objects_to_skip=[model.optimizer])
     else:
         return
     for name in (compat.BACKUP_WEIGHTS, compat.BACKUP_METADATA):
