@@ -95,7 +95,9 @@ def test_baseline_learns_synthetic_lesions(tmp_path):
     """The acceptance bar of the foundation issue: validation Dice >= 0.75 at 64 px."""
     cfg = config_lib.load_config(
         None,
-        {"out": str(tmp_path / "run"), "data.image_size": 64, "train.epochs": 14,
+        # 6 epochs: the best validation Dice passes 0.75 at epoch 2 and is ~0.90 by epoch 6
+        # (seed 0, this machine); 14 epochs reached 0.94.
+        {"out": str(tmp_path / "run"), "data.image_size": 64, "train.epochs": 6,
          "train.progress": False, "seed": 0},
     )
     result = run_lib.fit(cfg, verbose=0)

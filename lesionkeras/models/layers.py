@@ -21,7 +21,10 @@ forward accumulator ignores custom gradients, so forward-mode meta-gradients
 stayed wrong.
 """
 
+import functools
+
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import layers
 
@@ -82,9 +85,23 @@ def resize_bilinear(images, size):
 
 def _matrix(size_in, size_out, dtype):
     if isinstance(size_in, int) and isinstance(size_out, int):
-        with tf.init_scope():  # a graph constant, built eagerly once per trace
-            return tf.constant(interpolation_matrix(size_in, size_out, dtype).numpy())
+        # A graph constant: no ops in the step, and no eager op calls while tracing.
+        return tf.constant(_numpy_matrix(size_in, size_out), dtype=dtype)
     return interpolation_matrix(size_in, size_out, dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _numpy_matrix(size_in, size_out):
+    """`interpolation_matrix` for static sizes, in float64 numpy (cached per size pair)."""
+    src = (np.arange(size_out, dtype=np.float64) + 0.5) * (size_in / size_out) - 0.5
+    floor = np.floor(src)
+    frac = (src - floor)[:, None]
+    low = np.clip(floor.astype(np.int64), 0, size_in - 1)
+    high = np.clip(floor.astype(np.int64) + 1, 0, size_in - 1)
+    eye = np.eye(size_in)
+    matrix = eye[low] * (1.0 - frac) + eye[high] * frac
+    matrix.flags.writeable = False
+    return matrix
 
 
 def _pair(value, name):
