@@ -23,8 +23,8 @@ class FusedBatchNormalization(layers.BatchNormalization):
     def _fusable(self, inputs, mask):
         return (
             mask is None
-            and not self.renorm
-            and not self.synchronized
+            and not getattr(self, "renorm", False)  # Keras >= 3.13
+            and not getattr(self, "synchronized", False)
             and self.scale
             and self.center
             and len(inputs.shape) == 4
