@@ -299,6 +299,18 @@ def test_cli_fit_segan_writes_the_segmentor(tmp_path):
     assert "threshold search on validation" in res.output
 
 
+def test_cli_fit_segan_without_validation_images_keeps_its_threshold(tmp_path):
+    """`data.val_fraction = 0`: no threshold search (nothing to search on), no crash."""
+    run = tmp_path / "run"
+    (tmp_path / "c.toml").write_text("[data]\nval_fraction = 0.0\n")
+    res = CliRunner().invoke(main, ["fit", *TINY, "--config", str(tmp_path / "c.toml"),
+                                    "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "threshold search" not in res.output
+    assert config_lib.load_config(run / "config.toml").train.threshold == 0.5
+    assert (run / "metrics.json").exists()
+
+
 def test_cli_segan_bad_settings_exit_2(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('method = "segan"\n[segan]\nwarmup_epochs = 2\n')

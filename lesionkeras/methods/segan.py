@@ -485,7 +485,7 @@ def after_fit(cfg, model, val_ds, log=print):
     Returns:
         (cfg with `train.threshold` set, `model` recompiled with metrics at it).
     """
-    if not cfg.segan.threshold_search:
+    if not cfg.segan.threshold_search or val_ds is None:  # no validation images: nothing to search
         return cfg, model
     metric = cfg.segan.threshold_metric
     threshold, scores = search_threshold(model, val_ds, metric=metric)
