@@ -3,6 +3,7 @@
 import json
 import re
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -34,6 +35,24 @@ def test_resume_continues_an_interrupted_run(tmp_path):
     hist = pd.read_csv(run / "history.csv")
     assert list(hist["epoch"]) == [0, 1, 2]
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+
+
+class _InterruptInFirstEpoch(keras.callbacks.Callback):
+    """Ctrl-C after the first batch: history.csv exists but holds no row yet."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        raise KeyboardInterrupt
+
+
+def test_resume_of_a_run_stopped_in_its_first_epoch_starts_at_epoch_0(tmp_path):
+    cfg = tiny_cfg(tmp_path, train__epochs=2, seed=4)
+    with pytest.raises(KeyboardInterrupt):
+        run_lib.fit(cfg, verbose=0, extra_callbacks=[_InterruptInFirstEpoch()])
+    run = tmp_path / "run"
+    assert (run / "history.csv").exists() and (run / "history.csv").stat().st_size == 0
+    resumed = run_lib.fit(run_lib.load_run_config(run), resume_dir=run, verbose=0)
+    assert resumed.epochs_run == 2
+    assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0, 1]
 
 
 def test_resume_via_cli_extends_a_finished_run(tmp_path):

@@ -108,9 +108,7 @@ def best_so_far(history_csv: Path, monitor: str, since: int = 0):
 
     None: no finite value yet.
     """
-    if not history_csv.exists():
-        return None
-    hist = pd.read_csv(history_csv)
+    hist = read_history(history_csv)
     if "epoch" in hist:
         hist = hist[hist["epoch"] >= since]
     if monitor not in hist or hist[monitor].dropna().empty:
@@ -384,7 +382,15 @@ class _SetLearningRate(keras.callbacks.Callback):
 
 
 def _history_len(path):
-    return len(pd.read_csv(path)) if path.exists() else 0
+    return len(read_history(path))
+
+
+def read_history(path) -> pd.DataFrame:
+    """A run's history.csv; empty when absent or empty (a run stopped in its first epoch)."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return pd.DataFrame()
+    return pd.read_csv(path)
 
 
 def load_run_config(run_dir) -> config_lib.Config:
