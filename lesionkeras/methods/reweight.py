@@ -217,6 +217,15 @@ class MetaReweighter(WrapsNetwork, keras.Model):
             return pixel_loss
         return tf.reduce_mean(pixel_loss, axis=[1, 2, 3], keepdims=True)
 
+    def _clean_gradient(self, trainable, non_trainable, x_clean, y_clean):
+        """Eq. 2 at `trainable` and its gradient, averaged over replicas (zeros for unused)."""
+        with tf.GradientTape() as tape:
+            tape.watch(trainable)
+            clean_loss = self._clean_loss(trainable, non_trainable, x_clean, y_clean)
+        grads = tape.gradient(clean_loss, trainable)
+        grads = [tf.zeros_like(t) if g is None else g for t, g in zip(trainable, grads)]
+        return clean_loss, _all_reduce_mean(grads)
+
     def _clean_loss(self, trainable, non_trainable, x_clean, y_clean):
         # Training-mode pass (batch statistics); its non-trainable updates are
         # returned by stateless_call and dropped here: this pass is virtual.
@@ -271,22 +280,12 @@ class MetaReweighter(WrapsNetwork, keras.Model):
                 grads = inner.gradient(weighted, theta)
                 grads = [tf.zeros_like(t) if g is None else g for t, g in zip(theta, grads)]
                 theta_hat = [t - alpha * g for t, g in zip(theta, grads)]
-            with tf.GradientTape() as clean_tape:
-                clean_tape.watch(theta_hat)
-                clean_loss = self._clean_loss(theta_hat, non_trainable, x_clean, y_clean)
-            g_clean = clean_tape.gradient(clean_loss, theta_hat)
-            g_clean = [tf.zeros_like(t) if g is None else g for t, g in zip(theta, g_clean)]
-            g_clean = _all_reduce_mean(g_clean)
+            clean_loss, g_clean = self._clean_gradient(theta_hat, non_trainable, x_clean, y_clean)
             # Chain rule through the virtual step: dLc/dW = (dtheta_hat/dW)^T dLc/dtheta_hat.
             grad_w = tape.gradient(theta_hat, w0, output_gradients=g_clean)
             u = -eta * grad_w
         else:
-            with tf.GradientTape() as clean_tape:
-                clean_tape.watch(theta)
-                clean_loss = self._clean_loss(theta, non_trainable, x_clean, y_clean)
-            g_clean = clean_tape.gradient(clean_loss, theta)
-            g_clean = [tf.zeros_like(t) if g is None else g for t, g in zip(theta, g_clean)]
-            g_clean = _all_reduce_mean(g_clean)
+            clean_loss, g_clean = self._clean_gradient(theta, non_trainable, x_clean, y_clean)
             with tf.autodiff.ForwardAccumulator(theta, g_clean) as acc:
                 with tf.GradientTape(persistent=True) as tape:
                     tape.watch(theta)
