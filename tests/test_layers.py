@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from lesionkeras.models.blocks import make_second_order_exact
 from lesionkeras.models.layers import BilinearUpSampling2D, ResizeLike, resize_bilinear
 
 
@@ -33,7 +34,10 @@ def test_resize_matches_tensorflow(shape, size):
 def test_layers_match_keras_and_survive_saving(factor, tmp_path):
     x = _images((2, 6, 5, 3), seed=1)
     keras_up = keras.layers.UpSampling2D(factor, interpolation="bilinear")
-    np.testing.assert_allclose(BilinearUpSampling2D(factor)(x), keras_up(x), atol=1e-5)
+    for exact in (False, True):
+        layer = BilinearUpSampling2D(factor)
+        layer.second_order_exact = exact
+        np.testing.assert_allclose(layer(x), keras_up(x), atol=1e-5)
 
     inputs = keras.Input((None, None, 3))
     model = keras.Model(inputs, BilinearUpSampling2D(factor)(inputs))
@@ -42,8 +46,11 @@ def test_layers_match_keras_and_survive_saving(factor, tmp_path):
     np.testing.assert_allclose(again(x), keras_up(x), atol=1e-5)
 
     small = _images((2, 3, 4, 3), seed=2)
-    np.testing.assert_allclose(ResizeLike()([small, x]),
-                               tf.image.resize(small, (6, 5), method="bilinear"), atol=1e-5)
+    for exact in (False, True):
+        layer = ResizeLike()
+        layer.second_order_exact = exact
+        np.testing.assert_allclose(layer([small, x]),
+                                   tf.image.resize(small, (6, 5), method="bilinear"), atol=1e-5)
 
 
 def test_second_derivative_matches_finite_differences():
@@ -73,3 +80,37 @@ def test_second_derivative_matches_finite_differences():
     tf_resize = lambda t, s: tf.cast(tf.image.resize(t, s, method="bilinear"), t.dtype)  # noqa: E731
     np.testing.assert_allclose(grad(x, tf_resize), grad(x, resize_bilinear), rtol=1e-6)
     assert np.max(np.abs(hvp(tf_resize) - reference)) > 0.1 * np.max(np.abs(reference))
+
+
+def test_switched_layers_have_exact_second_derivatives():
+    """`make_second_order_exact` turns the layers' fused kernel (second derivative
+    dropped) into the matrix products: the Hessian-vector product through a model
+    of both layers then equals central differences of its gradient."""
+    inputs = keras.Input((3, 4, 2), dtype="float64")
+    up = BilinearUpSampling2D(2, dtype="float64")(inputs)
+    back = ResizeLike(dtype="float64")([up, _images((1, 5, 7, 1))])
+    model = keras.Model(inputs, back)
+    x = tf.constant(np.random.default_rng(6).normal(size=(1, 3, 4, 2)), tf.float64)
+    v = tf.constant(np.random.default_rng(7).normal(size=(1, 3, 4, 2)), tf.float64)
+    c = tf.constant(np.random.default_rng(8).normal(size=(1, 5, 7, 2)), tf.float64)
+
+    def grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.reduce_sum(c * model(tf.tanh(x)) ** 3)
+        return tape.gradient(y, x)
+
+    def hvp():
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            g = grad(x)
+        return outer.gradient(g, x, output_gradients=v, unconnected_gradients="zero")
+
+    fused = hvp()
+    # Switched before the reference: the fused kernel computes in float32.
+    assert make_second_order_exact(model) == 2
+    eps = 1e-5
+    reference = (grad(x + eps * v) - grad(x - eps * v)) / (2 * eps)
+    scale = np.max(np.abs(reference))
+    np.testing.assert_allclose(hvp(), reference, rtol=1e-6, atol=1e-8 * scale)
+    assert np.max(np.abs(fused - reference)) > 0.1 * scale  # second derivative dropped

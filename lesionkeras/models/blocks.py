@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from lesionkeras.models.layers import BilinearUpSampling2D
+from lesionkeras.models.layers import BilinearUpSampling2D, ResizeLike
 
 
 @keras.saving.register_keras_serializable(package="lesionkeras")
@@ -65,17 +65,24 @@ class FusedBatchNormalization(layers.BatchNormalization):
 
 
 def make_second_order_exact(model):
-    """Makes the batch norm of `model` exact under second derivatives (meta-learning).
+    """Makes every layer of `model` exact under second derivatives (meta-learning).
 
-    The derivative of TensorFlow's fused batch-norm gradient kernel
-    (`FusedBatchNormGradV3`) disagrees with finite differences where a channel
-    is degenerate: on a tiny U-Net with zero biases and two images, whose dead
-    channels have zero batch variance, its meta-gradient is off by 4.7 % while
-    Keras' batch norm (plain ops) matches to 1e-6 (`tests/test_meta_reference.py`).
-    This turns off the fused path of every `FusedBatchNormalization` of `model`
-    (nested models too), so they run Keras' batch norm. The switch lives on the
-    layer objects (it is not saved) and changes no forward value; Keras' own
-    `BatchNormalization` layers need nothing.
+    Two kinds of layer run a fast kernel whose second derivative TensorFlow
+    gets wrong, and have an exact path that gives the same values:
+
+    - `FusedBatchNormalization`: the fused kernel has no float64 version, so
+      the float64 finite-difference reference of eq. 7
+      (`tests/test_meta_reference.py`) cannot vouch for the derivative of
+      its gradient kernel (`FusedBatchNormGradV3`). Switched, it runs Keras'
+      batch norm, which that reference checks on every model.
+    - `BilinearUpSampling2D` and `ResizeLike`: TensorFlow drops the second
+      derivative of its bilinear resize kernel. Switched, they resize with
+      matrix products (`layers.resize_bilinear`).
+
+    The switch lives on the layer objects (it is not saved), changes no
+    forward value, and must happen before the model's functions are traced.
+    Nested models are walked too; Keras' own `BatchNormalization` layers need
+    nothing.
 
     Returns:
         int: how many layers were switched.
@@ -84,7 +91,7 @@ def make_second_order_exact(model):
     stack = list(model.layers)
     while stack:
         layer = stack.pop()
-        if isinstance(layer, FusedBatchNormalization):
+        if isinstance(layer, (FusedBatchNormalization, BilinearUpSampling2D, ResizeLike)):
             layer.second_order_exact = True
             count += 1
         stack.extend(getattr(layer, "layers", ()))
@@ -112,7 +119,8 @@ def apply_conv_block(x, filters, *, batch_norm=True, name="block"):
 def apply_upsample(x, filters, *, mode="bilinear", name="up"):
     """Doubles the spatial size: bilinear resize + 1x1 conv, or a transposed conv.
 
-    The resize is `BilinearUpSampling2D`, exact under second derivatives (meta-learning).
+    The resize is `BilinearUpSampling2D` (exact under second derivatives once
+    `make_second_order_exact` switched it, as meta-learning does).
     """
     if mode == "transpose":
         return layers.Conv2DTranspose(

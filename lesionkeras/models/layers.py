@@ -1,4 +1,4 @@
-"""Custom layers: bilinear resizing that is differentiable to any order.
+"""Custom layers: bilinear resizing that can be differentiated to any order.
 
 TensorFlow differentiates `ResizeBilinear` once (its gradient is the
 `ResizeBilinearGrad` kernel) but registers `ResizeBilinearGrad` itself as not
@@ -6,19 +6,26 @@ differentiable, so second derivatives through `tf.image.resize` /
 `keras.layers.UpSampling2D(interpolation="bilinear")` are silently zero, in
 reverse mode (nested tapes) and in forward mode (a `ForwardAccumulator` gets
 its JVPs by differentiating the gradient). Meta-learning (eq. 7 of Mirikharaji
-et al. 2019, Ren et al. 2018) differentiates a gradient, so every bilinear
-resize in a registered model goes through `resize_bilinear` below instead.
+et al. 2019, Ren et al. 2018) differentiates a gradient.
 
 Bilinear resizing is separable and linear: `Y = A_h X A_w^T` per image and
 channel, with interpolation matrices that have two non-zeros per row. Two
-batched matrix products with those matrices are exact to any order of
-differentiation in both modes (the derivative of a matmul is a matmul) and,
-with the channel axis kept innermost so that no transpose is needed, cost
-about what TensorFlow's fused kernel costs at U-Net decoder sizes
-(`benchmarks/roofline.py`). A `tf.custom_gradient` pairing the kernel with its
-adjoint was tried first: exact in reverse mode, but TensorFlow's graph-mode
-forward accumulator ignores custom gradients, so forward-mode meta-gradients
-stayed wrong.
+batched matrix products with those matrices (`resize_bilinear`) are exact to
+any order of differentiation in both modes (the derivative of a matmul is a
+matmul). They cost more than TensorFlow's fused kernel, though: a dense
+product spends `size_in` multiply-adds per output value where the kernel
+spends two, about 25 ms of a 96 px U-Net training step against 4 ms
+(`benchmarks/upsampling.py`). So the layers below run the fused kernel by
+default, the same values, and switch to the matrix products when their
+`second_order_exact` attribute is set, which `blocks.make_second_order_exact`
+does for every method that differentiates a gradient; `second_order.py`
+checks that nothing was missed. A `tf.custom_gradient` pairing the kernel
+with its adjoint was tried first: exact in reverse mode, but TensorFlow's
+graph-mode forward accumulator ignores custom gradients, so forward-mode
+meta-gradients stayed wrong. Composite alternatives (shifted slices, a
+phase-wise depthwise convolution + `depth_to_space`, a strided transposed
+depthwise convolution) are exact too but were no faster than the matrix
+products.
 """
 
 import functools
@@ -83,6 +90,19 @@ def resize_bilinear(images, size):
     return tf.reshape(y, tf.stack([b, out_h, out_w, c]))
 
 
+def resize(images, size, second_order_exact):
+    """Bilinear resize: `resize_bilinear` if `second_order_exact` (or float64), else TensorFlow's kernel.
+
+    Both give the values of `tf.image.resize(method="bilinear")` in the dtype of `images`.
+    """
+    x = tf.convert_to_tensor(images)
+    # The kernel computes in float32 whatever the input dtype; float64 models
+    # (numerical references in the tests) need float64 arithmetic.
+    if second_order_exact or x.dtype == tf.float64:
+        return resize_bilinear(x, size)
+    return tf.cast(tf.image.resize(x, size, method="bilinear"), x.dtype)
+
+
 def _matrix(size_in, size_out, dtype):
     if isinstance(size_in, int) and isinstance(size_out, int):
         # A graph constant: no ops in the step, and no eager op calls while tracing.
@@ -117,9 +137,12 @@ def _pair(value, name):
 class BilinearUpSampling2D(layers.Layer):
     """Bilinear up-sampling by an integer factor, differentiable to any order.
 
-    Same output as `keras.layers.UpSampling2D(size, interpolation="bilinear")`;
-    unlike it, second derivatives (meta-gradients, Hessian-vector products)
-    through this layer are exact. See `resize_bilinear`.
+    Same output as `keras.layers.UpSampling2D(size, interpolation="bilinear")`.
+    With `second_order_exact = True` (set on the layer object, not saved; see
+    `blocks.make_second_order_exact`) it computes the resize as matrix
+    products whose second derivatives (meta-gradients, Hessian-vector
+    products) are exact; otherwise it runs TensorFlow's faster fused kernel,
+    whose first derivative is exact and whose second is dropped.
 
     Args:
         size: int or (int, int). Up-sampling factors of height and width. Defaults to 2.
@@ -131,11 +154,12 @@ class BilinearUpSampling2D(layers.Layer):
     def __init__(self, size=2, **kwargs):
         super().__init__(**kwargs)
         self.size = _pair(size, "size")
+        self.second_order_exact = False
 
     def call(self, inputs):
         shape = tf.shape(inputs)
         target = tf.stack([shape[1] * self.size[0], shape[2] * self.size[1]])
-        return resize_bilinear(inputs, target)
+        return resize(inputs, target, self.second_order_exact)
 
     def compute_output_shape(self, input_shape):
         b, h, w, c = input_shape
@@ -150,13 +174,18 @@ class BilinearUpSampling2D(layers.Layer):
 class ResizeLike(layers.Layer):
     """Bilinearly resizes its first input to the spatial size of the second.
 
-    Lets the image-pooling branch of ASPP work on inputs of any size; exact
-    to any order of differentiation (see `resize_bilinear`).
+    Lets the image-pooling branch of ASPP work on inputs of any size. Exact
+    to any order of differentiation when `second_order_exact` is set, as for
+    `BilinearUpSampling2D`.
     """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.second_order_exact = False
 
     def call(self, inputs):
         x, ref = inputs
-        return resize_bilinear(x, tf.shape(ref)[1:3])
+        return resize(x, tf.shape(ref)[1:3], self.second_order_exact)
 
     def compute_output_shape(self, input_shapes):
         x, ref = input_shapes

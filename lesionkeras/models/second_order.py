@@ -4,7 +4,8 @@ Meta-reweighting (Mirikharaji et al. 2019, eq. 7; Ren et al. 2018) differentiate
 the training gradient once more. TensorFlow registers some gradient kernels as not
 differentiable (`ResizeBilinearGrad`, the gradient of bilinear resizing, is the one
 that silently zeroed part of eq. 7 in every bilinear decoder), and the fused
-batch-norm gradient's own derivative is wrong on degenerate (zero-variance) channels; reverse and forward mode then
+batch-norm gradient's own derivative cannot be checked in float64 (the kernel
+has none), so it is not trusted; reverse and forward mode then
 return zeros or wrong values instead of failing. `second_order_blockers` traces the
 model's first-order gradient graph (symbolically, nothing runs) and names every op
 of that graph that cannot be differentiated again exactly.
@@ -15,11 +16,11 @@ import re
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops
 
-# Gradient kernels with a registered but inexact derivative.
+# Gradient kernels whose registered derivative is not trusted.
 INEXACT = {
-    "FusedBatchNormGrad": "the fused batch-norm kernel's is wrong on degenerate channels",
-    "FusedBatchNormGradV2": "the fused batch-norm kernel's is wrong on degenerate channels",
-    "FusedBatchNormGradV3": "the fused batch-norm kernel's is wrong on degenerate channels",
+    "FusedBatchNormGrad": "the fused batch-norm kernel's has no float64 reference",
+    "FusedBatchNormGradV2": "the fused batch-norm kernel's has no float64 reference",
+    "FusedBatchNormGradV3": "the fused batch-norm kernel's has no float64 reference",
 }
 # Registered as not differentiable but correctly so: their outputs do not depend
 # differentiably on their float inputs.
