@@ -36,7 +36,7 @@ import numpy as np
 from keras import ops
 
 from lesionkeras.shapes import as_float32, check_shapes
-from lesionkeras.losses import multiclass_probabilities
+from lesionkeras.losses.smile import multiclass_probabilities
 
 _PACKAGE = "lesionkeras"
 
