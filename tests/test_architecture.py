@@ -14,7 +14,7 @@ LAYERS = {
     "data": 1, "models": 1, "losses": 1, "metrics": 1, "schedules": 1, "postprocess": 1,
     "training": 2, "inference": 2, "export": 2, "classify": 2,
     "methods": 3,
-    "experiments": 4, "cli": 4,
+    "experiments": 4, "cli": 4, "cli_options": 4, "cli_train": 4, "cli_infer": 4, "cli_data": 4,
 }
 # Nothing imports `cli`. Within layer 1 the families stay apart: models read no data, data builds no model.
 FORBIDDEN = {("models", "data"), ("data", "models"), ("inference", "training"),
