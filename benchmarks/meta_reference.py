@@ -34,7 +34,7 @@ def old_layers():
     import tensorflow as tf
 
     from lesionkeras.models import blocks, deeplab, segan
-    from lesionkeras.methods import reweight as meta
+    from lesionkeras.methods import reweight_step as meta
 
     class OldResizeLike(keras.layers.Layer):
         def call(self, inputs):

@@ -96,7 +96,7 @@ def test_pixel_bce_value_and_gradient(z, x, value, grad):
 
 def test_one_bce_for_the_package():
     """Meta-reweighting and the multitask trainer use the losses module's BCE."""
-    from lesionkeras.methods import reweight as meta, multitask
+    from lesionkeras.methods import multitask, reweight_step as meta
 
     assert meta.pixel_bce is L.pixel_binary_crossentropy
     z = tf.constant([[[[1.0], [0.0]]]])

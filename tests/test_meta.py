@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from lesionkeras.cli import main
 from lesionkeras.models.unet import build_unet
-from lesionkeras.methods.reweight import MetaReweighter, normalize_weights
+from lesionkeras.methods.reweight_step import MetaReweighter, normalize_weights
 from _helpers import fit_on_two_cpus
 
 
@@ -205,7 +205,7 @@ def test_cli_fit_image_reweight(tmp_path):
 
 
 def test_weight_overlay_and_split_golden():
-    from lesionkeras.methods.reweight import weight_overlay, weight_split
+    from lesionkeras.methods.reweight_maps import weight_overlay, weight_split
 
     w = np.array([0.0, 0.5, 0.5, 0.0]).reshape(1, 2, 2, 1)
     noisy = np.array([1, 1, 0, 0]).reshape(1, 2, 2, 1)

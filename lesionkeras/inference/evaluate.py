@@ -15,7 +15,7 @@ from lesionkeras import config as config_lib
 from lesionkeras import metrics as metrics_lib
 from lesionkeras import postprocess as postprocess_lib
 from lesionkeras.data import layout, pipeline
-from lesionkeras.data.missing import mask_column
+from lesionkeras.data.missing.labels import mask_column
 from lesionkeras.errors import DataError
 from lesionkeras.inference.predictor import _average
 from lesionkeras.inference.report import (

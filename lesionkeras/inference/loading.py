@@ -15,7 +15,7 @@ from lesionkeras import losses as _losses  # noqa: F401 - registers the loss cla
 from lesionkeras import metrics as _metrics  # noqa: F401 - registers the metrics of compiled models
 from lesionkeras import schedules as _schedules  # noqa: F401 - registers the schedules of saved optimizers
 from lesionkeras.data import pipeline
-from lesionkeras.data.missing import parse_structures
+from lesionkeras.data.missing.labels import parse_structures
 from lesionkeras.errors import DataError
 from lesionkeras.inference.predictor import EnsemblePredictor, Predictor
 from lesionkeras.models import registry

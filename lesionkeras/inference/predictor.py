@@ -11,7 +11,7 @@ import tensorflow as tf
 from lesionkeras.data import pipeline
 from lesionkeras.data.color import apply_color_constancy
 from lesionkeras.errors import DataError
-from lesionkeras.losses import multiclass_probabilities
+from lesionkeras.losses.smile import multiclass_probabilities
 from lesionkeras.models.deeplab import MCDropout
 
 

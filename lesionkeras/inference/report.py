@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lesionkeras.metrics import SCORE_NAMES
+from lesionkeras.metrics.scores import SCORE_NAMES
 
 
 REPORT_DIR = "report"

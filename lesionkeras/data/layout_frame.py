@@ -1,0 +1,64 @@
+"""The manifest's columns, building a frame in their order, and the path-cell helpers the layout readers share."""
+
+import os
+
+import pandas as pd
+
+from lesionkeras.data.classes import ATTRIBUTES
+
+BASE_COLUMNS = ("id", "image", "mask", "split", "fold", "clean")
+ATTRIBUTE_COLUMNS = tuple(f"attr_{name}" for name in ATTRIBUTES)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def _is_image_name(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _frame(rows, extra_columns=()):
+    """Build the manifest frame from dict rows in the canonical column order."""
+    columns = list(BASE_COLUMNS) + list(extra_columns)
+    df = pd.DataFrame(rows, columns=columns)
+    df["fold"] = df["fold"].astype("int64")
+    df["clean"] = df["clean"].astype(bool)
+    for column in columns:
+        if column not in ("fold", "clean"):
+            df[column] = df[column].astype(str)
+    return df.sort_values("id", kind="stable").reset_index(drop=True)
+
+
+def _row(image_id, image, mask=""):
+    return {"id": image_id, "image": image, "mask": mask, "split": "", "fold": -1, "clean": True}
+
+
+# --------------------------------------------------------------------------- #
+# Small helpers
+# --------------------------------------------------------------------------- #
+
+
+def _cell(value):
+    """A path cell as str; NaN/None (e.g. from a hand-built frame) become ""."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value)
+
+
+def _absolute(path, base):
+    if not path:
+        return ""
+    return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+
+
+def _relative(path, folder):
+    if not path:
+        return ""
+    try:
+        return os.path.relpath(path, folder)
+    except ValueError:
+        # Different drive on Windows: no relative form exists.
+        return path
+
+
+def _first_line(exc):
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
