@@ -111,8 +111,8 @@ class MetaReweighter(WrapsNetwork, keras.Model):
                 f"`granularity` must be one of {GRANULARITIES}. "
                 f"Received: granularity={granularity!r}"
             )
-        # Eq. 7 differentiates a gradient; the fused batch-norm kernel's second
-        # derivative is wrong on degenerate channels (see make_second_order_exact).
+        # Eq. 7 differentiates a gradient: batch norm and bilinear resizing must
+        # run their exact paths (see make_second_order_exact).
         make_second_order_exact(network)
         self.network = network
         # True during a clean fine-tuning stage (`meta.then_finetune`): plain steps.
