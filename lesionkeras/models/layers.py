@@ -157,8 +157,12 @@ class BilinearUpSampling2D(layers.Layer):
         self.second_order_exact = False
 
     def call(self, inputs):
-        shape = tf.shape(inputs)
-        target = tf.stack([shape[1] * self.size[0], shape[2] * self.size[1]])
+        h, w = inputs.shape[1:3]
+        if h is None or w is None:
+            shape = tf.shape(inputs)
+            h, w = shape[1], shape[2]
+        # Python ints when the size is known: static output shapes in the graph.
+        target = (h * self.size[0], w * self.size[1])
         return resize(inputs, target, self.second_order_exact)
 
     def compute_output_shape(self, input_shape):
@@ -185,7 +189,10 @@ class ResizeLike(layers.Layer):
 
     def call(self, inputs):
         x, ref = inputs
-        return resize(x, tf.shape(ref)[1:3], self.second_order_exact)
+        size = tuple(ref.shape[1:3])
+        if None in size:
+            size = tf.shape(ref)[1:3]
+        return resize(x, size, self.second_order_exact)
 
     def compute_output_shape(self, input_shapes):
         x, ref = input_shapes
