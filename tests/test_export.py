@@ -307,11 +307,8 @@ def test_every_registered_model_is_covered():
     assert set(SAME_BUILDER.values()) - {"run_dir fixture above"} <= set(MODEL_CASES)
 
 
-@pytest.mark.parametrize("name", [
-    # The ResNet50 DeepLab takes over 20 s to convert on a small CPU.
-    pytest.param(n, marks=pytest.mark.slow) if n == "deeplabv3plus" else n
-    for n in sorted(MODEL_CASES)
-])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MODEL_CASES))
 def test_export_parity_for_each_model_type(name, tmp_path):
     method, options = MODEL_CASES[name]
     run = _make_run(tmp_path, name, method, options)
@@ -346,6 +343,7 @@ def _softmax_structures(logits, container):
     return probs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("container", ["lesion", ""])
 def test_multiclass_export_uses_the_softmax_of_predict(container, tmp_path):
     names = ["lesion", "globules", "streaks"]

@@ -17,6 +17,7 @@ TINY = ["--method", "finetune", "--simulate-noise", "3-vertex", "--clean-count",
         "--limit", "16", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_cli_finetune_runs_both_stages_with_continuous_epochs(tmp_path):
     run = tmp_path / "run"
     res = CliRunner().invoke(main, ["fit", *TINY, "--epochs", "2", "--finetune-epochs", "1",

@@ -83,6 +83,7 @@ class _InterruptAt(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_interrupted_folds_resume_where_they_stopped(tmp_path):
     out = tmp_path / "run"
     cfg = config_lib.load_config(None, {

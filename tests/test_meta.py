@@ -121,6 +121,7 @@ TINY = ["--method", "meta", "--simulate-noise", "3-vertex", "--clean-count", "4"
         "--depth", "2", "--limit", "16", "--epochs", "1", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_cli_fit_meta_writes_a_plain_segmentation_model(tmp_path):
     run = tmp_path / "run"
     res = CliRunner().invoke(main, ["fit", *TINY, "--meta-grad", "forward", "--out", str(run)])
@@ -216,6 +217,7 @@ def test_weight_overlay_and_split_golden():
     assert weight_split(w, noisy, true) == (0.0, 2.0)  # times 4 pixels
 
 
+@pytest.mark.slow
 def test_cli_fit_meta_writes_weight_maps_and_fig3(tmp_path):
     run = tmp_path / "run"
     res = CliRunner().invoke(main, ["fit", *TINY, "--meta-grad", "forward", "--out", str(run)])
@@ -263,6 +265,7 @@ def test_models_saved_with_keras_bilinear_upsampling_still_load(tmp_path):
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_meta_then_finetune_adds_the_clean_stage(tmp_path):
     run = tmp_path / "run"
     res = CliRunner().invoke(main, ["fit", *TINY, "--meta-grad", "forward", "--then-finetune",

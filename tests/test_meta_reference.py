@@ -42,7 +42,8 @@ CASES = [
     ("segan", dict(filters=8)),
 ]
 FLOAT32_EXACT = {"unet", "segan"}
-HEAVY = {"resnet50_unet", "resnet50_deeplab", "deeplabv3plus", "resnet34_deeplab"}
+HEAVY = {"resnet50_unet", "resnet50_deeplab", "deeplabv3plus", "resnet34_deeplab", "segan", "unet",
+         "vgg19se", "resnet18_unet"}
 
 
 def _ids(case):

@@ -435,6 +435,7 @@ def test_hard_mining_dice_loss_bad_input():
         losses.hard_mining_dice_loss(t, p[:, :1], count=2)
 
 
+@pytest.mark.slow
 def test_hard_mining_term_in_the_segmentor_step():
     model = _trainer(hard_mining_weight=0.5, hard_mining_count=1)
     x, y = _batch(n=3)

@@ -95,6 +95,7 @@ def test_deeplab_k_heads_and_mc_dropout():
         deeplab.build_resnet_deeplab((48, 48, 3))
 
 
+@pytest.mark.slow
 def test_fit_smile_end_to_end(tmp_path):
     from lesionkeras import config as config_lib
     from lesionkeras.training import run
@@ -199,6 +200,7 @@ def _tiny_cfg(tmp_path, method, **extra):
     })
 
 
+@pytest.mark.slow
 def test_multiclass_fit_evaluate_predict(tmp_path):
     from click.testing import CliRunner
     from PIL import Image
@@ -365,6 +367,7 @@ def test_mc_dropout_relabelling_needs_dropout_model(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_smiler_with_mc_dropout_on_deeplab(tmp_path, monkeypatch):
     import pandas as pd
 
