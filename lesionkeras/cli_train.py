@@ -178,9 +178,12 @@ def fit(config_file, resume, kfold, **flags):
             result = run.fit_folds(cfg, resume_dir=resume, log=click.echo)
         else:
             result = run.fit(cfg, resume_dir=resume, log=click.echo)
-    except KeyboardInterrupt:
-        where = resume or cfg.out or "the run directory"
-        click.echo(f"\ninterrupted; continue with: lesionkeras fit --resume {where}", err=True)
+    except KeyboardInterrupt as interrupt:
+        where = getattr(interrupt, "run_dir", None)
+        if where is not None and (Path(where) / "config.toml").exists():
+            click.echo(f"\ninterrupted; continue with: lesionkeras fit --resume {where}", err=True)
+        else:
+            click.echo("\ninterrupted before the run wrote anything", err=True)
         sys.exit(130)
     click.echo(f"run directory: {result.run_dir}")
     shown = ["dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity",

@@ -39,6 +39,7 @@ import tomli_w
 from lesionkeras.config_fields import _check_value, field
 from lesionkeras.config_tables import (
     SHARED_SECTIONS, AugmentConfig, DataConfig, ModelConfig, PostprocessConfig, TrainConfig)
+from lesionkeras import files
 from lesionkeras.errors import ConfigError
 
 TASKS = ("segment", "attributes", "classify")
@@ -163,7 +164,7 @@ class Config:
         return from_dict(tree, origin=origin)
 
     def save(self, path) -> None:
-        Path(path).write_text(tomli_w.dumps(self.to_dict()))
+        files.write_text(path, tomli_w.dumps(self.to_dict()))
 
 
 def _to_plain(obj):

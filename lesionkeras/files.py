@@ -7,9 +7,12 @@ hidden `.NAME.PID.tmp` file, never a truncated one under the real name.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 from pathlib import Path
+
+from lesionkeras.errors import ConfigError
 
 
 def _fsync_folder(folder: Path):
@@ -29,8 +32,8 @@ def _fsync_folder(folder: Path):
 def atomic_path(path):
     """Yields a temporary path beside `path`; on success it replaces `path` in one rename.
 
-    The temporary name keeps `path`'s suffix, so writers that choose a format by
-    suffix (`.keras`, `.h5`, `.npz`) accept it. On an exception the temporary
+    The temporary name keeps `path`'s suffixes, so writers that choose a format by
+    suffix (`.keras`, `.weights.h5`, `.npz`) accept it. On an exception the temporary
     file is removed and `path` is left as it was.
 
     Example:
@@ -41,7 +44,10 @@ def atomic_path(path):
     ```
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    # All suffixes kept: Keras wants `.weights.h5` whole.
+    suffixes = "".join(path.suffixes)
+    stem = path.name[: len(path.name) - len(suffixes)]
+    tmp = path.with_name(f".{stem}.{os.getpid()}.tmp{suffixes}")
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -68,3 +74,32 @@ def copy(src, dst):
     """Copies the file `src` to `dst` atomically."""
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(folder):
+    """Holds an exclusive lock on `folder` (its `.lock` file) while the block runs.
+
+    `fcntl.flock` locks die with their process, so a killed run leaves no
+    stale lock; the file only tells the next process which PID holds it.
+
+    Raises:
+        ConfigError: another process holds the lock (named by its PID).
+    """
+    path = Path(folder) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise ConfigError(f"{folder}: in use by another lesionkeras process "
+                              f"(PID {holder}); wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -235,3 +235,27 @@ def test_evaluate_split_rebuilds_the_runs_validation_set(tmp_path):
     assert len(per_image) == 3
     res = invoke("evaluate", run / "model.keras", "--split", "val")
     assert res.exit_code == 2 and "run directory" in res.output
+
+
+def test_ctrl_c_names_the_run_to_resume_or_says_nothing_was_written(tmp_path, monkeypatch):
+    from lesionkeras.training import run
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--limit", "8", *TINY, "--epochs", "1"]
+    # Before the run's first file: nothing to resume.
+    monkeypatch.setattr(run.files, "run_lock", interrupt)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 130
+    assert res.output.strip().splitlines()[-1] == "interrupted before the run wrote anything"
+    monkeypatch.undo()
+    # In training, with no --out: the command names the folder that was made.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run, "_run_stages", interrupt)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 130
+    (made,) = [p for p in (tmp_path / "runs").iterdir() if (p / "config.toml").exists()]
+    assert res.output.strip().splitlines()[-1] == (
+        f"interrupted; continue with: lesionkeras fit --resume {made.relative_to(tmp_path)}")

@@ -12,7 +12,6 @@ from click.testing import CliRunner
 from lesionkeras import config as config_lib
 from lesionkeras.cli import main
 from lesionkeras.training import run as run_lib
-from _helpers import InterruptAfter
 
 TINY = {"data.image_size": 32, "model.filters": 8, "model.depth": 2, "train.batch_size": 4,
         "train.progress": False, "data.limit": 24}
@@ -24,17 +23,60 @@ def tiny_cfg(tmp_path, **extra):
     return config_lib.load_config(None, over)
 
 
-def test_resume_continues_an_interrupted_run(tmp_path):
+def test_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
+    """Killed while committing the backup of epoch 2 (its weights written, the metadata
+    naming them not yet): the history already has the epoch's row, the backup still
+    says one epoch; the resumed run trains epochs 2 and 3 and has each row once."""
+    from lesionkeras import files
+    from lesionkeras.training import callbacks
+
+    real_write_text = files.write_text
+
+    def killed_at_epoch_2(path, text):
+        if path.name == callbacks.METADATA and json.loads(text)["epoch"] == 2:
+            raise KeyboardInterrupt
+        real_write_text(path, text)
+
+    monkeypatch.setattr(files, "write_text", killed_at_epoch_2)
     cfg = tiny_cfg(tmp_path, train__epochs=3, seed=4)
     with pytest.raises(KeyboardInterrupt):
-        run_lib.fit(cfg, verbose=0, extra_callbacks=[InterruptAfter(0)])
+        run_lib.fit(cfg, verbose=0)
+    monkeypatch.undo()
     run = tmp_path / "run"
-    assert len(pd.read_csv(run / "history.csv")) == 1
+    assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0, 1]
+    assert callbacks.backup_epoch(run / "backup") == 1
     resumed = run_lib.fit(run_lib.load_run_config(run), resume_dir=run, verbose=0)
     assert resumed.epochs_run == 2  # epochs 2 and 3 only
     hist = pd.read_csv(run / "history.csv")
     assert list(hist["epoch"]) == [0, 1, 2]
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+    # One committed backup, nothing half-written anywhere in the run.
+    assert sorted(p.name for p in (run / "backup").iterdir()) == [
+        "epoch3.weights.h5", callbacks.METADATA]
+    assert not [p for p in run.rglob(".*tmp*")]
+
+
+def test_checkpoints_are_replaced_whole_or_not_at_all(tmp_path):
+    from lesionkeras.training.callbacks import SaveCheckpoints
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    saves = SaveCheckpoints(tmp_path / "model.keras", tmp_path / "last.keras", "val_dice")
+    saves.set_model(model)
+    saves.on_epoch_end(0, {"val_dice": 0.5})
+    before = {name: (tmp_path / name).read_bytes() for name in ("model.keras", "last.keras")}
+
+    def killed_mid_write(path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    model.save = killed_mid_write
+    with pytest.raises(KeyboardInterrupt):
+        saves.on_epoch_end(1, {"val_dice": 0.9})
+    for name, data in before.items():
+        assert (tmp_path / name).read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.keras", "model.keras"]
+    assert keras.saving.load_model(tmp_path / "model.keras").count_params() == 5
 
 
 class _InterruptInFirstEpoch(keras.callbacks.Callback):
@@ -61,6 +103,13 @@ def test_resume_via_cli_extends_a_finished_run(tmp_path):
     res = CliRunner().invoke(main, ["fit", "--resume", str(tmp_path / "run"), "--epochs", "2"])
     assert res.exit_code == 0, res.output
     assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 2
+    metrics = (tmp_path / "run" / "metrics.json").read_bytes()
+    # Nothing left to train: says so, exit 0, nothing rewritten.
+    res = CliRunner().invoke(main, ["fit", "--resume", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "already complete (2 epochs)" in res.output
+    assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 2
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == metrics
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):

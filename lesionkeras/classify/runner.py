@@ -13,7 +13,7 @@ Run directory (same contract as segmentation, plus the class files):
     metrics.json      final validation metrics of model.keras (both prediction rules)
     confusion.csv/png validation confusion matrix of the configured rule
     tensorboard/
-    backup/           BackupAndRestore state for `fit --resume` (and, with
+    backup/           RunBackup state for `fit --resume` (and, with
                       `classify.regenerate_every`, the current offline triplets)
 """
 

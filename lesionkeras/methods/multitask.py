@@ -103,7 +103,7 @@ class MultitaskTrainer(keras.Model):
         self.mask_tracker = keras.metrics.Mean(name="mask_loss")
         self.presence_tracker = keras.metrics.Mean(name="presence_loss")
         self.jaccard = PooledJaccard(num, threshold=threshold)
-        # The wrapped functional network is built; so is this wrapper (BackupAndRestore).
+        # The wrapped functional network is built; so is this wrapper (RunBackup).
         self.built = True
 
     @property
@@ -208,7 +208,7 @@ class Multitask(Method):
 
     def after_build(self, model):
         if self.cfg.attributes.init_from and not self.resuming:
-            # A resumed run restores its own trained weights instead (BackupAndRestore).
+            # A resumed run restores its own trained weights instead (RunBackup).
             attributes.init_encoder(model.network, self.cfg.attributes.init_from)
 
     def describe(self, model, data):

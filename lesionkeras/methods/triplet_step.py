@@ -51,7 +51,7 @@ class TripletTrainer(keras.Model):
         self.triplet_tracker = keras.metrics.Mean(name="triplet")
         self.count_tracker = keras.metrics.Mean(name="triplets")
         self.balanced = BalancedAccuracy(num_classes)
-        # The wrapped functional network is built; so is this wrapper (BackupAndRestore).
+        # The wrapped functional network is built; so is this wrapper (RunBackup).
         self.built = True
 
     @property

@@ -1,12 +1,16 @@
-"""Callbacks of every `fit`: learning-rate logging, TensorBoard images, NaN stop."""
+"""Callbacks of every `fit`: backup for resume, checkpoints, learning-rate logging, TensorBoard images, NaN stop."""
 
+import json
 import math
+from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
+from lesionkeras import files
 from lesionkeras.errors import TrainingError
 from lesionkeras.models.segan import AdaptiveLogistic
+from lesionkeras.training import compat
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -170,5 +174,97 @@ class SaveCheckpoints(keras.callbacks.Callback):
         network = getattr(self.model, "network", self.model)
         if value is not None and float(value) > self.best:
             self.best = float(value)
-            network.save(self.best_path)
-        network.save(self.last_path)
+            save_model(network, self.best_path)
+        save_model(network, self.last_path)
+
+
+def save_model(model, path):
+    """`model.save(path)`, atomically: a kill leaves the previous file, never a truncated one."""
+    with files.atomic_path(path) as tmp:
+        model.save(tmp)
+
+
+METADATA = "training_metadata.json"
+# Backups written before the weights' name was recorded in the metadata.
+_OLD_WEIGHTS = "latest.weights.h5"
+
+
+def backup_weights(backup_dir):
+    """The weights file the backup's metadata commits to, or None (no backup)."""
+    meta = Path(backup_dir) / METADATA
+    if not meta.exists():
+        return None
+    path = Path(backup_dir) / json.loads(meta.read_text()).get("weights", _OLD_WEIGHTS)
+    return path if path.exists() else None
+
+
+def backup_epoch(backup_dir):
+    """Epochs completed according to the backup's metadata, or None."""
+    meta = Path(backup_dir) / METADATA
+    return int(json.loads(meta.read_text())["epoch"]) if meta.exists() else None
+
+
+def clear_backup(backup_dir):
+    """Removes the backup's metadata and weights (other files in the folder stay)."""
+    backup_dir = Path(backup_dir)
+    for path in [backup_dir / METADATA, *backup_dir.glob("epoch*.weights.h5"),
+                 backup_dir / _OLD_WEIGHTS, backup_dir / f"{_OLD_WEIGHTS}.bkp",
+                 backup_dir / f"{METADATA}.bkp"]:
+        path.unlink(missing_ok=True)
+
+
+class RunBackup(keras.callbacks.Callback):
+    """The training state `fit --resume` continues from, consistent after a kill at any moment.
+
+    Like `keras.callbacks.BackupAndRestore` (weights with the optimiser state,
+    and the epoch), but a backup is two files committed in order: the weights
+    under a new name (`epoch<k>.weights.h5`, written whole and renamed), then
+    the metadata naming them (`{"epoch": k, "weights": ...}`, also renamed into
+    place); only then is the previous weights file removed. A kill before the
+    metadata's rename leaves the previous backup in force; after it, the new
+    one. Keras' callback writes both files in place, so a kill could leave a
+    truncated file or weights of one epoch with the epoch count of another.
+
+    The backup is written by `saver()`, a second callback that the run loop puts
+    after the history writer, so an epoch's history row always exists before
+    the backup that says the epoch is done (the loop drops rows of epochs the
+    backup does not cover when it resumes).
+
+    Args:
+        backup_dir: path. Folder of the backup.
+    """
+
+    def __init__(self, backup_dir):
+        super().__init__()
+        self.backup_dir = Path(backup_dir)
+
+    def on_train_begin(self, logs=None):
+        weights = backup_weights(self.backup_dir)
+        if weights is None:
+            return
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            # The optimiser's slots must exist before their values can load.
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(weights)
+        compat.set_restored_epoch(self.model, backup_epoch(self.backup_dir))
+
+    def save(self, epochs_done):
+        self.backup_dir.mkdir(parents=True, exist_ok=True)
+        old = backup_weights(self.backup_dir)
+        name = f"epoch{epochs_done}.weights.h5"
+        with files.atomic_path(self.backup_dir / name) as tmp:
+            self.model.save_weights(tmp)
+        files.write_text(self.backup_dir / METADATA,
+                         json.dumps({"epoch": epochs_done, "weights": name}))
+        if old is not None and old.name != name:
+            old.unlink(missing_ok=True)
+
+    def saver(self):
+        """The callback that writes the backup at the end of each epoch."""
+        backup = self
+
+        class _Save(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                backup.save(epoch + 1)
+
+        return _Save()

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-# File names `keras.callbacks.BackupAndRestore` writes in its folder (Keras 3.x;
-# private, not part of its API). The run loop reads the epoch from the metadata
-# and moves the weights between training stages.
-BACKUP_WEIGHTS = "latest.weights.h5"
-BACKUP_METADATA = "training_metadata.json"
+def set_restored_epoch(model, epoch):
+    """Makes the next `fit` of `model` start at `epoch`, as a restored backup must.
+
+    Keras 3.x reads the private `model._initial_epoch` in `fit` (what its own
+    `BackupAndRestore` sets); there is no public way from a callback.
+    """
+    model._initial_epoch = epoch
 
 
 def forget_restored_epoch(model):
-    """Clears the epoch `BackupAndRestore` restored into `model`.
+    """Clears the epoch a backup restored into `model` (`set_restored_epoch`).
 
     Keras 3.x stores it in the private `model._initial_epoch` and never clears
     it, so after a resumed stage every later `fit` would restart at that epoch.

@@ -8,7 +8,10 @@ Run directory (the contract the other commands read):
     history.csv     one row per epoch
     metrics.json    final validation metrics of model.keras
     tensorboard/    scalars and the input | truth | prediction grid
-    backup/         BackupAndRestore state for `--resume`
+    backup/         the training state `--resume` continues from (`RunBackup`)
+
+Every file is written whole or not at all (`files.py`), and an epoch's history
+row is written before the backup that records the epoch as done.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ import numpy as np
 import pandas as pd
 
 from lesionkeras import config as config_lib
+from lesionkeras import files
 from lesionkeras.errors import ConfigError, DataError
 from lesionkeras.data import pipeline
 from lesionkeras.training import compat, distribute
 from lesionkeras.training import method as method_lib
-from lesionkeras.training.callbacks import SaveCheckpoints, StopOnNaN
+from lesionkeras.training import callbacks as callbacks_lib
+from lesionkeras.training.callbacks import RunBackup, SaveCheckpoints, StopOnNaN
 from lesionkeras.training.method import RunData
 
 
@@ -80,7 +85,7 @@ def run_dir_for(cfg, resume_dir, method):
 def new_run_dir(cfg):
     """`cfg.out` (or a fresh `runs/<method>-<time>`), refused unless absent or empty."""
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != files.LOCK_NAME for p in run_dir.iterdir()):
         raise ConfigError(f"{run_dir}: run directory exists and is not empty "
                           "(choose another --out, or continue it with --resume)")
     return run_dir
@@ -145,6 +150,29 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
     method.prepare(data)
     cfg = method.cfg
 
+    # One process per run directory, from before its first file to the end.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _names_run_dir_on_interrupt(run_dir), files.run_lock(run_dir):
+        if not resume_dir:
+            new_run_dir(cfg)  # again: a run may have filled it while this one set up
+        return _train(method, cfg, data, run_dir, strategy, replicas, resume_dir, verbose, log,
+                      extra_callbacks)
+
+
+@contextlib.contextmanager
+def _names_run_dir_on_interrupt(run_dir):
+    """Ctrl-C (`KeyboardInterrupt`) leaves with `.run_dir`, so the CLI can name what to resume."""
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        interrupt.run_dir = run_dir
+        raise
+
+
+def _train(method, cfg, data, run_dir, strategy, replicas, resume_dir, verbose, log,
+           extra_callbacks):
+    """The part of `fit` that writes: run directory, build, stages, final metrics."""
+    warnings = data.warnings
     # A fresh run that fails before training (bad data, a refused model) leaves
     # no run directory behind.
     with _removed_on_setup_error(run_dir, fresh=not resume_dir):
@@ -153,6 +181,13 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
         method.write_files(run_dir, data)
         policy = distribute.set_precision(cfg.train.mixed_precision)
         stages = method.stages(data)
+        total = sum(stage.epochs for stage in stages)
+        if (resume_dir and (run_dir / "metrics.json").exists()
+                and (_backup_epoch(run_dir / "backup") or 0) >= total):
+            log(f"{run_dir}: already complete ({total} epochs); nothing to train "
+                "(a larger --epochs trains on)")
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            return FitResult(run_dir, metrics, 0, warnings)
         val_ds = None
         if len(data.val_df):
             keep, val_batch = pipeline.validation_batches(
@@ -165,14 +200,17 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
     monitor = ("val_" if val_ds is not None else "") + method.monitor
     nan_stop = StopOnNaN()
     checkpoints = SaveCheckpoints(run_dir / "model.keras", run_dir / "last.keras", monitor)
+    backup = RunBackup(run_dir / "backup")
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
+        backup,  # first: it restores the state the others continue from
         nan_stop,
         # Before the writers below, so that what they add to the logs is written.
         *method.callbacks(data, model),
         checkpoints,
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
+        # After the history row and the checkpoints: the backup commits the epoch.
+        backup.saver(),
         *extra_callbacks,
     ]
     log(f"{method.describe(model, data)}; strategy {type(strategy).__name__} with "
@@ -181,7 +219,8 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
                              run_dir, verbose if cfg.train.progress else (2 if verbose else 0))
     nan_stop.raise_if_stopped(run_dir)
     if not (run_dir / "model.keras").exists():
-        method_lib.network_of(model).save(run_dir / "model.keras")  # the monitor was never finite
+        # The monitor was never finite.
+        callbacks_lib.save_model(method_lib.network_of(model), run_dir / "model.keras")
     best = keras.saving.load_model(run_dir / "model.keras")
     # E.g. a threshold chosen on validation, stored with the run.
     best = method.after_fit(best, val_ds, data, log)
@@ -194,7 +233,7 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
         train_images=len(data.train_df),
         val_images=len(data.val_df),
     )
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    files.write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return FitResult(run_dir, metrics, epochs_run, warnings)
 
 
@@ -207,6 +246,9 @@ def _run_stages(model, strategy, stages, val_ds, callbacks, nan_stop, checkpoint
     """
     epochs_run = done = best_since = 0
     resume_epoch = _backup_epoch(run_dir / "backup")
+    # Rows of epochs the backup does not cover (a kill between the two writes)
+    # are trained again; drop them so each epoch has one row.
+    trim_history(run_dir / "history.csv", resume_epoch or 0)
     for i, stage in enumerate(stages):
         if stage.new_best:
             best_since = done
@@ -292,24 +334,24 @@ def fit_folds(cfg, folds=None, *, resume_dir=None, verbose=1, log=print,
     cfg = cfg.override({"out": str(run_dir)})
     if not resume_dir:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / FOLDS_FILE).write_text(json.dumps({"folds": folds}) + "\n")
+        files.write_text(run_dir / FOLDS_FILE, json.dumps({"folds": folds}) + "\n")
     cfg.save(run_dir / "config.toml")
     results = []
-    for i in range(folds):
-        fold_dir = run_dir / f"fold{i}"
-        log(f"fold {i + 1} of {folds}")
-        fold_cfg = cfg.override({"out": str(fold_dir), "data.folds": folds, "data.fold": i})
-        started = fold_dir.exists() and any(fold_dir.iterdir())
-        results.append(fit(
-            fold_cfg, resume_dir=fold_dir if started else None, verbose=verbose, log=log,
-            extra_callbacks=extra_callbacks,
-        ))
+    with _names_run_dir_on_interrupt(run_dir):  # the folds' parent is what resumes
+        for i in range(folds):
+            fold_dir = run_dir / f"fold{i}"
+            log(f"fold {i + 1} of {folds}")
+            fold_cfg = cfg.override({"out": str(fold_dir), "data.folds": folds, "data.fold": i})
+            started = (fold_dir / "config.toml").exists()
+            results.append(fit(
+                fold_cfg, resume_dir=fold_dir if started else None, verbose=verbose, log=log,
+                extra_callbacks=extra_callbacks,
+            ))
     per_fold = {f"fold{i}": r.metrics for i, r in enumerate(results)}
     keys = [k for k in results[0].metrics if all(k in r.metrics for r in results)]
     mean = {k: float(np.mean([r.metrics[k] for r in results])) for k in keys}
-    (run_dir / "summary.json").write_text(
-        json.dumps({"folds": folds, "mean": mean, "per_fold": per_fold}, indent=2) + "\n"
-    )
+    files.write_text(run_dir / "summary.json",
+                     json.dumps({"folds": folds, "mean": mean, "per_fold": per_fold}, indent=2) + "\n")
     return FitResult(run_dir, mean, sum(r.epochs_run for r in results), results[0].warnings)
 
 
@@ -329,12 +371,11 @@ def fold_count(run_dir):
 
 
 def _backup_epoch(backup_dir: Path):
-    """The epoch count recorded by `BackupAndRestore` (or at a stage's start), or None."""
-    epochs = [
-        int(json.loads(path.read_text())["epoch"])
-        for path in (backup_dir / compat.BACKUP_METADATA, backup_dir / "stage_start.json")
-        if path.exists()
-    ]
+    """The epoch count recorded by the backup (or at a stage's start), or None."""
+    epochs = [callbacks_lib.backup_epoch(backup_dir)]
+    if (backup_dir / "stage_start.json").exists():
+        epochs.append(int(json.loads((backup_dir / "stage_start.json").read_text())["epoch"]))
+    epochs = [e for e in epochs if e is not None]
     return max(epochs) if epochs else None
 
 
@@ -343,7 +384,7 @@ def _carry_backup_into_stage(model, backup_dir: Path, done: int, load=True):
 
     A stage's `setup` may recompile the model, so the backup's optimizer slots
     no longer match; the model weights are loaded (a no-op unless resuming at a
-    stage boundary) and the backup is removed so `BackupAndRestore` starts afresh.
+    stage boundary) and the backup is removed so `RunBackup` starts afresh.
     The weights are kept as `stage_start` until the stage writes its own backup,
     so a run interrupted in the stage's first epoch resumes at the stage's start.
     With `load=False` (the stage's setup chose its weights) nothing is loaded.
@@ -352,22 +393,21 @@ def _carry_backup_into_stage(model, backup_dir: Path, done: int, load=True):
         path = backup_dir / name
         return int(json.loads(path.read_text())["epoch"]) if path.exists() else None
 
-    weights = backup_dir / compat.BACKUP_WEIGHTS
+    weights = callbacks_lib.backup_weights(backup_dir)
     start = backup_dir / "stage_start.weights.h5"
-    latest = recorded(compat.BACKUP_METADATA)
-    if latest == done and weights.exists():
+    latest = callbacks_lib.backup_epoch(backup_dir)
+    if latest == done and weights is not None:
         if load:
             model.load_weights(weights, objects_to_skip=[model.optimizer])
-        model.save_weights(start)
-        (backup_dir / "stage_start.json").write_text(json.dumps({"epoch": done}))
+        with files.atomic_path(start) as tmp:
+            model.save_weights(tmp)
+        files.write_text(backup_dir / "stage_start.json", json.dumps({"epoch": done}))
     elif latest is None and recorded("stage_start.json") == done and start.exists():
         if load:
             model.load_weights(start, objects_to_skip=[model.optimizer])
     else:
         return
-    for name in (compat.BACKUP_WEIGHTS, compat.BACKUP_METADATA):
-        for path in (backup_dir / name, backup_dir / f"{name}.bkp"):
-            path.unlink(missing_ok=True)
+    callbacks_lib.clear_backup(backup_dir)
 
 
 class _SetLearningRate(keras.callbacks.Callback):
@@ -383,6 +423,13 @@ class _SetLearningRate(keras.callbacks.Callback):
 
 def _history_len(path):
     return len(read_history(path))
+
+
+def trim_history(path, epochs):
+    """Drops the rows of epochs >= `epochs` from a run's history.csv (atomically)."""
+    hist = read_history(path)
+    if "epoch" in hist and (hist["epoch"] >= epochs).any():
+        files.write_text(path, hist[hist["epoch"] < epochs].to_csv(index=False))
 
 
 def read_history(path) -> pd.DataFrame:
