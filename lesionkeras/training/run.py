@@ -272,7 +272,7 @@ def _run_stages(model, strategy, stages, val_ds, callbacks, nan_stop, checkpoint
                 for cb in callbacks
             ]
         if stage.lr is not None:
-            # After BackupAndRestore (first), which restores the optimiser's rate.
+            # After RunBackup (first), which restores the optimiser's rate.
             stage_callbacks = [stage_callbacks[0], _SetLearningRate(stage.lr),
                                *stage_callbacks[1:]]
         compat.forget_restored_epoch(model)

@@ -86,7 +86,7 @@ class FreezeEncoder(keras.callbacks.Callback):
 
     The ISIC 2018 report fixes the pre-trained VGG19 for 50 epochs, then
     fine-tunes the whole segmentor. The state is a function of the epoch
-    number alone, so a run resumed with `BackupAndRestore` freezes or not as
+    number alone, so a run resumed from its backup freezes or not as
     the uninterrupted run would. The optimiser is built over every variable
     before the first epoch (the model is fully trainable when `fit` starts),
     so unfreezing needs no new optimiser; the train step is retraced whenever
