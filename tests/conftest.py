@@ -31,10 +31,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    # Heavy tests first (a stable sort keeps the file order within each group): under
-    # `-n 2` pytest-xdist hands out the first quarter of the tests round-robin and the
-    # rest on demand, so the long tests start early on both workers and the quick ones
-    # even out the end, instead of one long test running alone at the end.
+    # Heavy tests first (a stable sort keeps the file order within each group). Under
+    # `-n 2 --dist worksteal` (pytest.ini) each worker runs its queue from the front and
+    # an idle one takes the back half of the other's: the long tests start early on
+    # both workers and quick ones even out the end, instead of one long test running
+    # alone at the end.
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
