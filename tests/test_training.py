@@ -110,6 +110,13 @@ def test_resume_via_cli_extends_a_finished_run(tmp_path):
     assert "already complete (2 epochs)" in res.output
     assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 2
     assert (tmp_path / "run" / "metrics.json").read_bytes() == metrics
+    # A key that fixes the network: refused in one line before anything is written.
+    config = (tmp_path / "run" / "config.toml").read_bytes()
+    res = CliRunner().invoke(main, ["fit", "--resume", str(tmp_path / "run"), "--filters", "4"])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [
+        f"error: {tmp_path / 'run'}: the run has `model.filters = 8`; it cannot resume with 4"]
+    assert (tmp_path / "run" / "config.toml").read_bytes() == config
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):

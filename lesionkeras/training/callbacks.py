@@ -178,6 +178,17 @@ class SaveCheckpoints(keras.callbacks.Callback):
         save_model(network, self.last_path)
 
 
+class _SaveBackup(keras.callbacks.Callback):
+    """Writes `backup` (a `RunBackup`) at the end of each epoch; see `RunBackup.saver`."""
+
+    def __init__(self, backup):
+        super().__init__()
+        self.backup = backup
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.backup.save(epoch + 1)
+
+
 def save_model(model, path):
     """`model.save(path)`, atomically: a kill leaves the previous file, never a truncated one."""
     with files.atomic_path(path) as tmp:
@@ -261,10 +272,4 @@ class RunBackup(keras.callbacks.Callback):
 
     def saver(self):
         """The callback that writes the backup at the end of each epoch."""
-        backup = self
-
-        class _Save(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                backup.save(epoch + 1)
-
-        return _Save()
+        return _SaveBackup(self)

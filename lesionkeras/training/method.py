@@ -90,8 +90,11 @@ class RunData:
     extra: dict = dataclasses.field(default_factory=dict)
 
 
-# Keys that fix a run's data split: a resumed run must keep them.
-RESUME_KEYS = ("task", "method", "seed", "data.source", "data.limit", "data.val_fraction")
+# Keys that fix a run's data split or its network: `fit --resume` refuses to change them.
+RESUME_KEYS = ("task", "method", "seed", "data.source", "data.limit", "data.val_fraction",
+               "data.val_list", "data.folds", "data.fold", "model.name", "model.depth",
+               "model.filters", "model.output_stride", "model.batch_norm", "model.upsampling",
+               "model.encoder_filters")
 
 
 class Method:

@@ -306,8 +306,8 @@ def fit_folds(cfg, folds=None, *, resume_dir=None, verbose=1, log=print,
     their mean; `evaluate`/`predict` on `RUN` average the folds (the Ensemble of
     Guth & deCampos 2018, section 3.5). `RUN/config.toml` and `RUN/folds.json`
     let `fit --resume RUN` continue: every fold already started resumes from
-    its last epoch (a finished one trains no further unless `--epochs` grew,
-    and is only re-scored), the others start.
+    its last epoch (a finished one is reused as it is unless `--epochs`
+    grew), the others start.
 
     Args:
         cfg: `Config`. `data.folds`/`data.fold` are set per fold.
