@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import signal
 from pathlib import Path
 
 from lesionkeras.errors import ConfigError
@@ -52,11 +53,42 @@ def atomic_path(path):
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _commit_point()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+    _commit_point()
+
+
+# The crash test's hook: with LESIONKERAS_KILL_AT=N in the environment the process
+# kills itself (SIGKILL, no clean-up) at the N-th commit point: the moments just
+# before and just after each rename above, where a crash is most likely to
+# expose an ordering mistake (tests/test_kills.py).
+_KILL_AT = "LESIONKERAS_KILL_AT"
+_commit_points = [0]
+
+
+def _commit_point():
+    target = os.environ.get(_KILL_AT)
+    if target:
+        _commit_points[0] += 1
+        if _commit_points[0] == int(target):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def is_temporary(path) -> bool:
+    """True for a temporary file of `atomic_path` (left behind when its writer was killed)."""
+    name = Path(path).name
+    return name.startswith(".") and ".tmp" in name
+
+
+def remove_temporaries(folder):
+    """Deletes the temporary files killed writers left under `folder` (hold its lock first)."""
+    for path in Path(folder).rglob(".*"):
+        if path.is_file() and is_temporary(path):
+            path.unlink(missing_ok=True)
 
 
 def write_bytes(path, data: bytes):

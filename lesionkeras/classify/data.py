@@ -265,6 +265,8 @@ def make_dataset(paths, labels, *, resize, crop, batch_size, training, flip=True
     """
     import tensorflow as tf
 
+    from lesionkeras.data import epochs
+
     width, height = resize
     decode = _decoder(resize)
     items = list(paths) if labels is None else (list(paths), np.asarray(labels, np.int32))
@@ -276,18 +278,25 @@ def make_dataset(paths, labels, *, resize, crop, batch_size, training, flip=True
     if cache:
         ds = ds.cache()
     if training:
-        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+        n = len(paths)
 
-        def augment(image, y):
-            image = tf.image.random_crop(image, (crop, crop, 3), seed=seed)
+        def augment(image, y, key):
+            image = tf.image.stateless_random_crop(image, (crop, crop, 3), seed=key)
             if flip:
-                image = tf.image.random_flip_left_right(image, seed=seed)
-                image = tf.image.random_flip_up_down(image, seed=seed + 1)
+                image = tf.image.stateless_random_flip_left_right(
+                    image, seed=epochs.key_from(key, 1))
+                image = tf.image.stateless_random_flip_up_down(image, seed=epochs.key_from(key, 2))
             return image, y
 
-        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-        # Full batches only: the triplet miner and batch norm want a real batch.
-        ds = ds.batch(batch_size, drop_remainder=len(paths) >= batch_size)
+        def one_epoch(k):  # order, crops and flips keyed by the epoch (exact resume)
+            epoch_ds = epochs.shuffled(ds, n, k).enumerate().map(
+                lambda j, item: augment(*item, epochs.key_from(k, j)),
+                num_parallel_calls=tf.data.AUTOTUNE)
+            # Full batches only: the triplet miner and batch norm want a real batch.
+            return epoch_ds.batch(batch_size, drop_remainder=n >= batch_size)
+
+        ds = epochs.per_epoch(one_epoch, seed=seed,
+                              cardinality=n // batch_size if n >= batch_size else 1)
     else:
         top, left = (height - crop) // 2, (width - crop) // 2
 
@@ -323,6 +332,8 @@ def make_triplet_dataset(paths, table, count, *, resize, crop, triplets_per_batc
     """
     import tensorflow as tf
 
+    from lesionkeras.data import epochs
+
     decode = _decoder(resize)
     paths = tf.constant([str(p) for p in paths])
 
@@ -342,8 +353,13 @@ def make_triplet_dataset(paths, table, count, *, resize, crop, triplets_per_batc
         ])
         return images, tf.cast(count > 0, tf.float32)
 
-    # Non-negative draws: `r % n` indexes the table.
-    draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-    ds = draws.map(lambda r: triplet(tf.bitwise.bitwise_and(r, tf.constant(2**62 - 1, tf.int64))),
-                   num_parallel_calls=tf.data.AUTOTUNE)
+    def one_epoch(k):  # the epoch's draws keyed by it (exact resume)
+        def draw(r):
+            key = epochs.key_from(k, r)
+            # Non-negative: `r % n` indexes the table.
+            return triplet(tf.bitwise.bitwise_and(key[0], tf.constant(2**62 - 1, tf.int64)))
+
+        return tf.data.Dataset.counter().map(draw, num_parallel_calls=tf.data.AUTOTUNE)
+
+    ds = epochs.per_epoch(one_epoch, seed=seed, cardinality=tf.data.INFINITE_CARDINALITY)
     return ds.batch(triplets_per_batch, drop_remainder=True)

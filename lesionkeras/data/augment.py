@@ -8,6 +8,8 @@ interpolation. Colour jitter touches the image only.
 import keras
 import tensorflow as tf
 
+from lesionkeras.data import epochs
+
 
 @keras.saving.register_keras_serializable(package="lesionkeras")
 class RandomRotate90(keras.layers.Layer):
@@ -25,11 +27,12 @@ class RandomRotate90(keras.layers.Layer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def call(self, images, training=True):
+    def call(self, images, training=True, seed=None):
+        """`seed`: a `SeedGenerator` to draw from instead of the layer's own."""
         if not training:
             return images
         batch = tf.shape(images)[0]
-        k = keras.random.randint((batch,), 0, 4, seed=self.seed_generator)
+        k = keras.random.randint((batch,), 0, 4, seed=seed or self.seed_generator)
         # Rotating by 90 degrees k times is a transpose and/or flips; computing
         # all four views of the batch and picking one per sample stays vectorised.
         views = tf.stack(
@@ -76,14 +79,18 @@ class RandomDihedral(keras.layers.Layer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def draw(self, batch):
-        """Element index per image: `k % 4` quarter turns after a flip if `k >= 4`."""
-        return tf.cast(keras.random.randint((batch,), 0, 8, seed=self.seed_generator), tf.int32)
+    def draw(self, batch, seed=None):
+        """Element index per image: `k % 4` quarter turns after a flip if `k >= 4`.
 
-    def call(self, images, training=True):
+        `seed`: a `SeedGenerator` to draw from instead of the layer's own.
+        """
+        seed = seed or self.seed_generator
+        return tf.cast(keras.random.randint((batch,), 0, 8, seed=seed), tf.int32)
+
+    def call(self, images, training=True, seed=None):
         if not training:
             return images
-        return apply_dihedral(images, self.draw(tf.shape(images)[0]))
+        return apply_dihedral(images, self.draw(tf.shape(images)[0], seed))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -136,32 +143,51 @@ class Augmenter:
                 )
             )
         self.geometric = geometric
-        jitter = dict(
-            brightness_factor=cfg.brightness or None,
-            contrast_factor=cfg.contrast or None,
-            saturation_factor=(max(0.0, 1 - cfg.saturation), 1 + cfg.saturation)
-            if cfg.saturation
-            else None,
-            hue_factor=cfg.hue or None,
-        )
-        self.color = (
-            keras.layers.RandomColorJitter(value_range=(0, 255), seed=seed + 4, **jitter)
-            if any(v is not None for v in jitter.values())
-            else None
-        )
+        # The colour layers `RandomColorJitter` chains, in its order, so that each
+        # takes a per-batch key (`__call__`); the jitter layer draws from its own state.
+        color = []
+        if cfg.brightness:
+            color.append(keras.layers.RandomBrightness(
+                cfg.brightness, value_range=(0, 255), seed=seed + 4))
+        if cfg.contrast:
+            color.append(keras.layers.RandomContrast(
+                cfg.contrast, value_range=(0, 255), seed=seed + 6))
+        if cfg.saturation:
+            color.append(keras.layers.RandomSaturation(
+                (max(0.0, 1 - cfg.saturation), 1 + cfg.saturation), value_range=(0, 255),
+                seed=seed + 7))
+        if cfg.hue:
+            color.append(keras.layers.RandomHue(cfg.hue, value_range=(0, 255), seed=seed + 8))
+        self.color = color
 
     @property
     def active(self):
         return bool(self.geometric or self.color)
 
-    def __call__(self, images, masks):
+    def __call__(self, images, masks, key=None):
+        """Augmented `(images, masks)`; with `key` (int64 (2,)), a pure function of it.
+
+        Without `key` every layer draws from its own `SeedGenerator` (state that
+        advances with each call). The training pipeline passes a key per batch
+        (`epochs.key`), so an epoch's augmentation does not depend on the ones
+        before it, and a resumed run sees what the uninterrupted one saw.
+        """
+        def apply(layer, x, i):
+            if key is None:
+                return layer(x, training=True)
+            seed = epochs.KeyedSeed(epochs.key_from(key, i))
+            if isinstance(layer, (RandomDihedral, RandomRotate90)):
+                return layer(x, training=True, seed=seed)
+            transform = layer.get_random_transformation(x, training=True, seed=seed)
+            return layer.transform_images(x, transform, training=True)
+
         if self.geometric:
             channels = images.shape[-1]
             both = tf.concat([images, masks], axis=-1)
-            for layer in self.geometric:
-                both = layer(both, training=True)
+            for i, layer in enumerate(self.geometric):
+                both = apply(layer, both, i)
             images, masks = both[..., :channels], both[..., channels:]
             masks = tf.cast(masks > 0.5, masks.dtype)
-        if self.color is not None:
-            images = tf.clip_by_value(self.color(images, training=True), 0.0, 255.0)
+        for i, layer in enumerate(self.color):
+            images = tf.clip_by_value(apply(layer, images, 100 + i), 0.0, 255.0)
         return images, masks

@@ -12,6 +12,7 @@ import pandas as pd
 import tensorflow as tf
 from PIL import Image
 
+from lesionkeras.data import epochs
 from lesionkeras.data.augment import Augmenter
 from lesionkeras.data.color import apply_color_constancy
 
@@ -171,34 +172,60 @@ def make_dataset(
             batch, given the normalised images (default: `(image, masks, *rest)`).
     """
     norm = normalizer(mean, std)
-    ds = decoded
     n = int(decoded.cardinality())
     if training:
-        ds = ds.shuffle(shuffle_buffer or max(n, 1), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
-    if crop_size:
-        if training:
-            # Sequential on purpose: random ops in a parallel map draw in a
-            # racy order, which would make runs irreproducible.
-            ds = ds.map(lambda i, m, *rest: (*random_crop(i, m, crop_size, seed), *rest))
-        else:
+        ds = _training_stream(decoded, n, batch_size=batch_size, augment=augment,
+                              crop_size=crop_size, seed=seed, shuffle_buffer=shuffle_buffer,
+                              repeat=repeat)
+    else:
+        ds = decoded.repeat() if repeat else decoded
+        if crop_size:
             ds = ds.map(lambda i, m, *rest: (*centre_crop(i, m, crop_size), *rest))
-    # A last batch of one image breaks batch-norm statistics; drop it.
-    ds = ds.batch(batch_size, drop_remainder=repeat or (training and n >= batch_size))
-    ds = ds.map(lambda i, m, *rest: (tf.cast(i, tf.float32), tf.cast(m, tf.float32), *rest))
-    if training and augment is not None:
-        aug = Augmenter(augment, seed=seed)
-        if aug.active:
-            # Sequential for reproducibility (see above); it works on whole
-            # batches, so one call per batch is cheap.
-            ds = ds.map(lambda i, m, *rest: (*aug(i, m), *rest))
+        ds = ds.batch(batch_size, drop_remainder=repeat)
+        ds = ds.map(lambda i, m, *rest: (tf.cast(i, tf.float32), tf.cast(m, tf.float32), *rest))
     if finish is None:
         ds = ds.map(lambda i, m, *rest: (norm(i), m, *rest), num_parallel_calls=AUTOTUNE)
     else:
         ds = ds.map(lambda i, m, *rest: finish(norm(i), m, *rest), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
 
+
+def _training_stream(decoded, n, *, batch_size, augment, crop_size, seed, shuffle_buffer,
+                     repeat):
+    """Shuffled, cropped, augmented float32 batches; each epoch's draws keyed by (seed, epoch).
+
+    Every random choice (the order, each crop, each batch's augmentation) is a
+    stateless draw from a key derived from `seed`, the epoch on `epochs.clock()`
+    and the element's or batch's position, so epoch k is the same whether the
+    run got there uninterrupted or resumed (`epochs`). A repeating stream
+    reshuffles on each pass with its own key.
+    """
+    aug = Augmenter(augment, seed=seed) if augment is not None else None
+    drop = repeat or n >= batch_size  # a last batch of one image breaks batch norm
+
+    def one_pass(k):
+        ds = epochs.shuffled(decoded, n, k, shuffle_buffer)
+        if crop_size:
+            ds = ds.enumerate().map(lambda j, item: (*random_crop(
+                item[0], item[1], crop_size, epochs.key_from(k, j)), *item[2:]))
+        return ds
+
+    def one_epoch(k):
+        if repeat:
+            ds = tf.data.Dataset.counter().flat_map(lambda r: one_pass(epochs.key_from(k, r)))
+        else:
+            ds = one_pass(k)
+        ds = ds.batch(batch_size, drop_remainder=drop)
+        ds = ds.map(lambda i, m, *rest: (tf.cast(i, tf.float32), tf.cast(m, tf.float32), *rest))
+        if aug is not None and aug.active:
+            augment_key = epochs.key_from(k, -1)
+            ds = ds.enumerate().map(lambda b, item: (*aug(
+                item[0], item[1], epochs.key_from(augment_key, b)), *item[2:]))
+        return ds
+
+    batches = tf.data.INFINITE_CARDINALITY if repeat else (
+        n // batch_size if drop else -(-n // batch_size))
+    return epochs.per_epoch(one_epoch, seed=seed, cardinality=batches)
 
 def eval_batch_size(n: int, batch_size: int, replicas: int = 1):
     """Batch size <= `batch_size` for evaluating `n` images on `replicas` replicas.
@@ -235,11 +262,14 @@ def validation_batches(n: int, batch_size: int, replicas: int = 1, log=print):
     return keep, replicas
 
 
-def random_crop(image, masks, size, seed):
-    """The same random `size` x `size` window of `image` and its mask channels."""
+def random_crop(image, masks, size, key):
+    """The same random `size` x `size` window of `image` and its mask channels.
+
+    `key`: int64 (2,), the stateless seed of the window.
+    """
     both = tf.concat([image, masks], axis=-1)
     channels = both.shape[-1] if both.shape[-1] is not None else tf.shape(both)[-1]
-    both = tf.image.random_crop(both, tf.stack([size, size, channels]), seed=seed)
+    both = tf.image.stateless_random_crop(both, tf.stack([size, size, channels]), seed=key)
     return both[..., :3], both[..., 3:]
 
 

@@ -47,7 +47,6 @@ from lesionkeras.training.method import Stage
 from lesionkeras.training.segmentation import SegmentationMethod
 from lesionkeras.data import pipeline
 from lesionkeras.data import synthetic
-from lesionkeras.data.augment import Augmenter
 from lesionkeras.inference import predictor as inference_predictor
 
 
@@ -325,10 +324,8 @@ class Relabelling:
         smile_ckpt, best = self.run_dir / "smile.keras", self.run_dir / "model.keras"
         if not smile_ckpt.exists() and best.exists():
             files.copy(best, smile_ckpt)
-        if not smile_ckpt.exists():
-            return False
-        model.load_weights(smile_ckpt)
-        return True
+        if smile_ckpt.exists():
+            model.load_weights(smile_ckpt)
 
     def _load(self):
         if self._arrays is None:
@@ -419,22 +416,14 @@ class Relabelling:
         kk = len(self.names)
         targets = np.maximum(a["targets"], added).astype(np.float32)
         weights = np.maximum(a["weights"], added).astype(np.float32)
-        norm = pipeline.normalizer(self.mean, self.std)
-        aug = Augmenter(cfg.augment, seed=cfg.seed)
-
-        @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors
-        def finish(i, m):
-            i = tf.cast(i, tf.float32)
-            if aug.active:
-                i, m = aug(i, m)
-            return norm(i), m[..., :kk], m[..., kk:]
-
-        n = len(a["images"])
-        ds = tf.data.Dataset.from_tensor_slices(
+        decoded = tf.data.Dataset.from_tensor_slices(
             (a["images"], np.concatenate([targets, weights], -1)))
-        ds = ds.shuffle(n, seed=cfg.seed + t).batch(
-            cfg.train.batch_size, drop_remainder=n >= cfg.train.batch_size)
-        return ds.map(finish, num_parallel_calls=pipeline.AUTOTUNE).prefetch(pipeline.AUTOTUNE)
+        # The one batch builder: shuffle and augmentation (targets and weight maps
+        # moved with the image) keyed by the epoch.
+        return pipeline.make_dataset(
+            decoded, batch_size=cfg.train.batch_size, mean=self.mean, std=self.std,
+            training=True, augment=cfg.augment, seed=cfg.seed + t,
+            finish=lambda i, m: (i, m[..., :kk], m[..., kk:]))
 
     def write_table(self):
         """`relabel.csv`: the rounds' rows, with the validation Dice at each round's end."""

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 from lesionkeras import files
+from lesionkeras.data import epochs
 from lesionkeras.errors import TrainingError
 from lesionkeras.models.segan import AdaptiveLogistic
 from lesionkeras.training import compat
@@ -178,6 +180,41 @@ class SaveCheckpoints(keras.callbacks.Callback):
         save_model(network, self.last_path)
 
 
+class HistoryWriter(keras.callbacks.Callback):
+    """Adds each epoch's row to a run's `history.csv`, rewriting the file atomically.
+
+    Like `keras.callbacks.CSVLogger(append=True)` (columns `epoch`, then the log
+    keys sorted), but the file is replaced whole (`files.write_text`) instead of
+    appended to, so a kill never leaves a partial row. A file of a few hundred
+    rows takes milliseconds to rewrite.
+
+    Args:
+        path: path. The CSV file; rows already in it are kept.
+    """
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = Path(path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        row = {"epoch": int(epoch)}
+        for name in sorted(logs):
+            value = logs[name]
+            row[name] = float(np.asarray(value)) if np.ndim(value) == 0 else str(value)
+        old = (pd.read_csv(self.path) if self.path.exists() and self.path.stat().st_size
+               else pd.DataFrame())
+        table = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
+        files.write_text(self.path, table.to_csv(index=False))
+
+
+class SetEpoch(keras.callbacks.Callback):
+    """Puts each epoch's number on the data clock before its batches are drawn (`data.epochs`)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        epochs.set_epoch(epoch)
+
+
 class _SaveBackup(keras.callbacks.Callback):
     """Writes `backup` (a `RunBackup`) at the end of each epoch; see `RunBackup.saver`."""
 
@@ -224,6 +261,59 @@ def clear_backup(backup_dir):
         path.unlink(missing_ok=True)
 
 
+def save_state(model, backup_dir, weights_name, record_name, epoch):
+    """Commits `model`'s training state in `backup_dir`: weights file, then its record.
+
+    The weights file (`weights_name`: weights and optimiser state, written whole
+    under a temporary name and renamed) comes first, then the record
+    `record_name` naming it: `{"epoch", "weights", "optimizer_variables",
+    "seed_states"}`, the last being the random state of the model's layers
+    (dropout), which Keras' weights files leave out. A kill before the record's
+    rename leaves the previous record in force.
+    """
+    backup_dir = Path(backup_dir)
+    backup_dir.mkdir(parents=True, exist_ok=True)
+    optimizer = model.optimizer
+    if optimizer is not None and not optimizer.built:
+        # Saved with its slots, so the file loads into a model whose optimiser is
+        # built (as `load_state` builds it) whether or not it had trained.
+        optimizer.build(model.trainable_variables)
+    with files.atomic_path(backup_dir / weights_name) as tmp:
+        model.save_weights(tmp)
+    record = {
+        "epoch": int(epoch),
+        "weights": weights_name,
+        "optimizer_variables": len(optimizer.variables) if optimizer is not None else 0,
+        "seed_states": [np.asarray(v.numpy()).tolist() for v in compat.seed_states(model)],
+    }
+    files.write_text(backup_dir / record_name, json.dumps(record))
+
+
+def load_state(model, backup_dir, record_name, *, optimizer_if_it_fits=False):
+    """Restores what `save_state` committed under `record_name` into `model`.
+
+    Args:
+        optimizer_if_it_fits: bool. Load the optimiser state only when the saved
+            optimiser has as many variables as `model`'s (built on its trainable
+            variables): an earlier training stage may have trained another set of
+            variables; False (the default) always loads it.
+    """
+    record = json.loads((Path(backup_dir) / record_name).read_text())
+    optimizer = model.optimizer
+    if optimizer is not None and not optimizer.built:
+        # The optimiser's slots must exist before their values can load.
+        optimizer.build(model.trainable_variables)
+    skip = []
+    if optimizer is not None and optimizer_if_it_fits:
+        if record.get("optimizer_variables") != len(optimizer.variables):
+            skip = [optimizer]
+    model.load_weights(Path(backup_dir) / record["weights"], objects_to_skip=skip or None)
+    states = compat.seed_states(model)
+    if len(record.get("seed_states", ())) == len(states):
+        for variable, value in zip(states, record["seed_states"]):
+            variable.assign(np.asarray(value, dtype=variable.dtype))
+
+
 class RunBackup(keras.callbacks.Callback):
     """The training state `fit --resume` continues from, consistent after a kill at any moment.
 
@@ -250,23 +340,14 @@ class RunBackup(keras.callbacks.Callback):
         self.backup_dir = Path(backup_dir)
 
     def on_train_begin(self, logs=None):
-        weights = backup_weights(self.backup_dir)
-        if weights is None:
-            return
-        if self.model.optimizer is not None and not self.model.optimizer.built:
-            # The optimiser's slots must exist before their values can load.
-            self.model.optimizer.build(self.model.trainable_variables)
-        self.model.load_weights(weights)
-        compat.set_restored_epoch(self.model, backup_epoch(self.backup_dir))
+        if backup_weights(self.backup_dir) is not None:
+            load_state(self.model, self.backup_dir, METADATA)
+            compat.set_restored_epoch(self.model, backup_epoch(self.backup_dir))
 
     def save(self, epochs_done):
-        self.backup_dir.mkdir(parents=True, exist_ok=True)
         old = backup_weights(self.backup_dir)
         name = f"epoch{epochs_done}.weights.h5"
-        with files.atomic_path(self.backup_dir / name) as tmp:
-            self.model.save_weights(tmp)
-        files.write_text(self.backup_dir / METADATA,
-                         json.dumps({"epoch": epochs_done, "weights": name}))
+        save_state(self.model, self.backup_dir, name, METADATA, epochs_done)
         if old is not None and old.name != name:
             old.unlink(missing_ok=True)
 

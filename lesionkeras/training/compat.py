@@ -49,3 +49,20 @@ class NoSymbolicBuildOnMultiWorker:
         if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
             return
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+
+def seed_states(model):
+    """The state variables of every `keras.random.SeedGenerator` in `model` (e.g. dropout's).
+
+    `model.save_weights` leaves them out (Keras 3.x saves a layer's trainable and
+    non-trainable variables only); a resumed run restores them from its backup
+    so that dropout continues the uninterrupted run's draws. Keras 3.x keeps a
+    layer's generators in the private `_seed_generators`.
+    """
+    found, seen = [], set()
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        for generator in getattr(layer, "_seed_generators", ()):
+            if id(generator.state) not in seen:
+                seen.add(id(generator.state))
+                found.append(generator.state)
+    return found

@@ -54,10 +54,10 @@ class Stage(NamedTuple):
             the stage starts, after `setup` (e.g. labels predicted by the model so far).
         epochs: int. Epochs of the stage.
         lr: float or None. Learning rate set when the stage starts (None: unchanged).
-        setup: callable(model) or None. Run in the strategy scope before the stage
-            (e.g. freeze layers and recompile); the stage then starts from the
-            previous stage's weights without its optimiser state. A setup that
-            returns True has chosen the stage's starting weights itself.
+        setup: callable(model) or None. Run in the strategy scope before the stage,
+            on the model as the previous stage left it (e.g. freeze layers and
+            recompile, or load other weights); the stage continues with the
+            optimiser the model has after it (the same one, unless it recompiles).
         new_best: bool. `model.keras` is the best epoch from this stage on (earlier
             stages only prepare it, as SMILE training before the SMILEr rounds).
     """

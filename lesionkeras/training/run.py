@@ -34,7 +34,8 @@ from lesionkeras.data import pipeline
 from lesionkeras.training import compat, distribute
 from lesionkeras.training import method as method_lib
 from lesionkeras.training import callbacks as callbacks_lib
-from lesionkeras.training.callbacks import RunBackup, SaveCheckpoints, StopOnNaN
+from lesionkeras.training.callbacks import (
+    HistoryWriter, RunBackup, SaveCheckpoints, SetEpoch, StopOnNaN)
 from lesionkeras.training.method import RunData
 
 
@@ -85,7 +86,9 @@ def run_dir_for(cfg, resume_dir, method):
 def new_run_dir(cfg):
     """`cfg.out` (or a fresh `runs/<method>-<time>`), refused unless absent or empty."""
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method)
-    if run_dir.exists() and any(p.name != files.LOCK_NAME for p in run_dir.iterdir()):
+    # The lock file and files a killed run had not finished writing do not count.
+    if run_dir.exists() and any(p.name != files.LOCK_NAME and not files.is_temporary(p)
+                                for p in run_dir.iterdir()):
         raise ConfigError(f"{run_dir}: run directory exists and is not empty "
                           "(choose another --out, or continue it with --resume)")
     return run_dir
@@ -155,6 +158,7 @@ def fit(cfg, *, resume_dir=None, verbose=1, log=print, extra_callbacks=()) -> Fi
     with _names_run_dir_on_interrupt(run_dir), files.run_lock(run_dir):
         if not resume_dir:
             new_run_dir(cfg)  # again: a run may have filled it while this one set up
+        files.remove_temporaries(run_dir)  # of a killed run; no other writer holds the lock
         return _train(method, cfg, data, run_dir, strategy, replicas, resume_dir, verbose, log,
                       extra_callbacks)
 
@@ -203,11 +207,12 @@ def _train(method, cfg, data, run_dir, strategy, replicas, resume_dir, verbose, 
     backup = RunBackup(run_dir / "backup")
     callbacks = [
         backup,  # first: it restores the state the others continue from
+        SetEpoch(),
         nan_stop,
         # Before the writers below, so that what they add to the logs is written.
         *method.callbacks(data, model),
         checkpoints,
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        HistoryWriter(run_dir / "history.csv"),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
         # After the history row and the checkpoints: the backup commits the epoch.
         backup.saver(),
@@ -258,8 +263,7 @@ def _run_stages(model, strategy, stages, val_ds, callbacks, nan_stop, checkpoint
             continue
         if stage.setup is not None:
             with strategy.scope():
-                chose_weights = bool(stage.setup(model))
-            _carry_backup_into_stage(model, run_dir / "backup", done, load=not chose_weights)
+                _enter_stage(model, run_dir / "backup", done, stage.setup)
         checkpoints.best = _or_minus_inf(
             best_so_far(run_dir / "history.csv", checkpoints.monitor, since=best_since))
         dataset = stage.dataset(model) if callable(stage.dataset) else stage.dataset
@@ -373,41 +377,44 @@ def fold_count(run_dir):
 def _backup_epoch(backup_dir: Path):
     """The epoch count recorded by the backup (or at a stage's start), or None."""
     epochs = [callbacks_lib.backup_epoch(backup_dir)]
-    if (backup_dir / "stage_start.json").exists():
-        epochs.append(int(json.loads((backup_dir / "stage_start.json").read_text())["epoch"]))
+    if (backup_dir / STAGE_START).exists():
+        epochs.append(int(json.loads((backup_dir / STAGE_START).read_text())["epoch"]))
     epochs = [e for e in epochs if e is not None]
     return max(epochs) if epochs else None
 
 
-def _carry_backup_into_stage(model, backup_dir: Path, done: int, load=True):
-    """Loads a backup taken at the end of the previous stage without its optimizer.
+STAGE_START = "stage_start.json"
 
-    A stage's `setup` may recompile the model, so the backup's optimizer slots
-    no longer match; the model weights are loaded (a no-op unless resuming at a
-    stage boundary) and the backup is removed so `RunBackup` starts afresh.
-    The weights are kept as `stage_start` until the stage writes its own backup,
-    so a run interrupted in the stage's first epoch resumes at the stage's start.
-    With `load=False` (the stage's setup chose its weights) nothing is loaded.
+
+def _enter_stage(model, backup_dir: Path, done: int, setup):
+    """Runs a stage's `setup` at epoch `done`, from the state the uninterrupted run has there.
+
+    A setup may recompile the model (a new optimiser, other trainable
+    variables), so the backup of the previous stage no longer loads into the
+    model after it. Here the backup taken at the end of the previous stage
+    (in memory already, unless this process resumed at that point) is loaded
+    before `setup`, with the optimiser state when it fits; the state after
+    `setup` is then committed as `stage_start` and the backup removed, so
+    `RunBackup` starts afresh and a run killed in the stage's first epoch
+    resumes at the stage's start, exactly. Resuming later in the stage, the
+    setup runs and `RunBackup` restores the stage's own backup.
     """
     def recorded(name):
         path = backup_dir / name
         return int(json.loads(path.read_text())["epoch"]) if path.exists() else None
 
-    weights = callbacks_lib.backup_weights(backup_dir)
-    start = backup_dir / "stage_start.weights.h5"
     latest = callbacks_lib.backup_epoch(backup_dir)
-    if latest == done and weights is not None:
-        if load:
-            model.load_weights(weights, objects_to_skip=[model.optimizer])
-        with files.atomic_path(start) as tmp:
-            model.save_weights(tmp)
-        files.write_text(backup_dir / "stage_start.json", json.dumps({"epoch": done}))
-    elif latest is None and recorded("stage_start.json") == done and start.exists():
-        if load:
-            model.load_weights(start, objects_to_skip=[model.optimizer])
+    if latest == done and callbacks_lib.backup_weights(backup_dir) is not None:
+        callbacks_lib.load_state(model, backup_dir, callbacks_lib.METADATA,
+                                 optimizer_if_it_fits=True)
+        setup(model)
+        callbacks_lib.save_state(model, backup_dir, "stage_start.weights.h5", STAGE_START, done)
+        callbacks_lib.clear_backup(backup_dir)
+    elif latest is None and recorded(STAGE_START) == done:
+        setup(model)
+        callbacks_lib.load_state(model, backup_dir, STAGE_START)
     else:
-        return
-    callbacks_lib.clear_backup(backup_dir)
+        setup(model)
 
 
 class _SetLearningRate(keras.callbacks.Callback):
