@@ -118,3 +118,28 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path):
 ])
 def test_resume_is_exact_for_the_clean_stream_and_across_stages(tmp_path, method, extra):
     _assert_same_run(*_interrupted_then_resumed(tmp_path, after_epoch=1, method=method, **extra))
+
+
+def test_a_resume_the_saved_state_does_not_fit_changes_nothing(tmp_path):
+    """The backup is checked against the model the resume builds before `config.toml`
+    takes the resume's overrides: a mismatch is one line, exit 2, no file changed."""
+    from click.testing import CliRunner
+
+    from lesionkeras.cli import main
+    from lesionkeras.training import callbacks
+
+    run_lib.fit(_cfg(tmp_path, "run", **{"train.epochs": 1}), verbose=0)
+    run = tmp_path / "run"
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    other.save_weights(callbacks.backup_weights(run / "backup"))  # another network's state
+
+    def contents():
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = contents()
+    res = CliRunner().invoke(main, ["fit", "--resume", str(run), "--epochs", "2", "--lr", "0.5"])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: {run}: cannot resume with these settings: the saved training state does not fit")
+    assert contents() == before

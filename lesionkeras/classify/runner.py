@@ -27,6 +27,7 @@ import keras
 import numpy as np
 
 from lesionkeras import config as config_lib
+from lesionkeras import files
 from lesionkeras import schedules
 from lesionkeras.classify import data as cdata
 from lesionkeras.classify import metrics as cmetrics
@@ -102,8 +103,9 @@ def write_references(cfg, network, train_df, path):
     ref = train_df.iloc[sorted(keep)].reset_index(drop=True)
     emb = embed(network, dataset(cfg, ref, training=False, labels=False),
                 cfg.classify.normalize_embedding)
-    np.savez(path, embeddings=emb, labels=ref["label"].to_numpy(np.int32),
-             ids=ref["id"].to_numpy(str))
+    with files.atomic_path(path) as tmp:
+        np.savez(tmp, embeddings=emb, labels=ref["label"].to_numpy(np.int32),
+                 ids=ref["id"].to_numpy(str))
 
 
 def embed(network, dataset, normalize):

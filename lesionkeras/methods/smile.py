@@ -206,7 +206,7 @@ def _record_annotations(cfg, train_df, names):
         return
     cols = ["id"] + [f"annotated_{s}" for s in names]
     cols += [f"dropped_{s}" for s in names if f"dropped_{s}" in train_df]
-    train_df[cols].to_csv(Path(cfg.out) / "annotations.csv", index=False)
+    files.write_text(Path(cfg.out) / "annotations.csv", train_df[cols].to_csv(index=False))
 
 
 def container_index(cfg, names):

@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from lesionkeras.errors import ConfigError
-from lesionkeras import config
+from lesionkeras import config, files
 from lesionkeras.classify import data as cdata
 from lesionkeras.classify import metrics as cmetrics
 from lesionkeras.classify import runner
@@ -175,7 +175,7 @@ class Triplet(Method):
         self.majority = int(np.argmax(counts))
 
     def write_files(self, run_dir, data):
-        (Path(run_dir) / "classes.json").write_text(json.dumps(list(self.classes)) + "\n")
+        files.write_text(Path(run_dir) / "classes.json", json.dumps(list(self.classes)) + "\n")
 
     def _offline(self):
         return self.cfg.method == "triplet" and self.cfg.classify.regenerate_every > 0

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from lesionkeras import config
 from lesionkeras import config as config_lib
-from lesionkeras import losses, metrics
+from lesionkeras import files, losses, metrics
 from lesionkeras.data import pipeline
 from lesionkeras.errors import ConfigError
 from lesionkeras.training import lr_find, method, segmentation
@@ -380,7 +380,7 @@ def find_stage_lr(model, cfg, stage: int, dataset, key: str, log=print) -> float
         result.write_csv(out / f"{key}.csv")
         lr_find.plot(result, out / f"{key}.png")
         rates[key] = rate
-        rates_path.write_text(json.dumps(rates, indent=2) + "\n")
+        files.write_text(rates_path, json.dumps(rates, indent=2) + "\n")
     return rate
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import json
 import shutil
+import warnings as pywarnings
 from pathlib import Path
 
 import keras
@@ -181,7 +182,8 @@ def _train(method, cfg, data, run_dir, strategy, replicas, resume_dir, verbose, 
     # no run directory behind.
     with _removed_on_setup_error(run_dir, fresh=not resume_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.toml")
+        if not resume_dir:  # a resumed run's config is saved once its state loads
+            cfg.save(run_dir / "config.toml")
         method.write_files(run_dir, data)
         policy = distribute.set_precision(cfg.train.mixed_precision)
         stages = method.stages(data)
@@ -199,7 +201,11 @@ def _train(method, cfg, data, run_dir, strategy, replicas, resume_dir, verbose, 
             val_ds = method.val_dataset(data, keep, val_batch)
         with strategy.scope():
             model = method.build(data, max(int(stages[0].dataset.cardinality()), 1))
+            if resume_dir:
+                _check_resumable(model, run_dir, strict=len(stages) == 1)
         method.after_build(model)
+        if resume_dir:
+            cfg.save(run_dir / "config.toml")
 
     monitor = ("val_" if val_ds is not None else "") + method.monitor
     nan_stop = StopOnNaN()
@@ -240,6 +246,34 @@ def _train(method, cfg, data, run_dir, strategy, replicas, resume_dir, verbose, 
     )
     files.write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return FitResult(run_dir, metrics, epochs_run, warnings)
+
+
+def _check_resumable(model, run_dir, strict):
+    """Loads the run's saved training state into `model`, or refuses the resume in one line.
+
+    Before `config.toml` is rewritten with the resume's overrides: a resume whose
+    settings give a model the saved weights do not fit changes nothing. With
+    `strict` (one stage) the optimiser state must fit too; across stages the
+    saved optimiser may be an earlier stage's.
+
+    Raises:
+        ConfigError: the state does not load.
+    """
+    backup_dir = run_dir / "backup"
+    if callbacks_lib.backup_weights(backup_dir) is not None:
+        record = callbacks_lib.METADATA
+    elif (backup_dir / STAGE_START).exists():
+        record = STAGE_START
+    else:
+        return  # stopped in its first epoch: it starts again
+    try:
+        with pywarnings.catch_warnings():
+            pywarnings.simplefilter("error" if strict else "ignore", UserWarning)
+            callbacks_lib.load_state(model, backup_dir, record, optimizer_if_it_fits=not strict)
+    except (ValueError, OSError, KeyError, UserWarning) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{run_dir}: cannot resume with these settings: the saved training "
+                          f"state does not fit the model they give ({reason})") from None
 
 
 def _run_stages(model, strategy, stages, val_ds, callbacks, nan_stop, checkpoints, run_dir,
