@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from lesionkeras import files
 from lesionkeras.cli_options import BATCH_OPTION, DATA_OPTION, LIMIT_OPTION, THRESHOLD_OPTION
 from lesionkeras.console import fail, handle_errors, quiet_tensorflow_import
 
@@ -82,6 +83,8 @@ def evaluate(model_paths, data, out, threshold, batch_size, limit, ensemble, tta
     With --ensemble, MODEL... are averaged (and each is also scored alone).
     With --postprocess, scores with and without it are shown side by side.
     """
+    if out is not None:
+        files.check_output(out)  # before the model loads: that takes a while
     quiet_tensorflow_import()
     from lesionkeras import postprocess as postprocess_lib
     from lesionkeras.data import check
@@ -156,6 +159,7 @@ def predict(model_paths, input_path, out, threshold, probabilities, overlay, bat
 
     With --ensemble, the probabilities of MODEL... are averaged.
     """
+    files.check_output(out)  # before the model loads: that takes a while
     quiet_tensorflow_import()
     from lesionkeras import postprocess as postprocess_lib
     from lesionkeras.data import check

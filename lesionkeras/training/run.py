@@ -72,6 +72,7 @@ def run_dir_for(cfg, resume_dir, method):
     if resume_dir:
         run_dir = Path(resume_dir)
         saved = load_run_config(run_dir).to_dict()
+        files.check_output(run_dir)
         new = cfg.to_dict()
         for key in (*method_lib.RESUME_KEYS, *method.resume_keys):
             old_value, new_value = _lookup(saved, key), _lookup(new, key)
@@ -83,8 +84,8 @@ def run_dir_for(cfg, resume_dir, method):
 
 
 def new_run_dir(cfg):
-    """`cfg.out` (or a fresh `runs/<method>-<time>`), refused unless absent or empty."""
-    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method)
+    """`cfg.out` (or a fresh `runs/<method>-<time>`), refused unless absent or empty and writable."""
+    run_dir = files.check_output(cfg.out or default_run_dir(cfg.method))
     if run_dir.exists() and any(p.name != files.LOCK_NAME for p in run_dir.iterdir()):
         raise ConfigError(f"{run_dir}: run directory exists and is not empty "
                           "(choose another --out, or continue it with --resume)")
