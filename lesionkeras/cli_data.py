@@ -111,14 +111,20 @@ def drop_labels(alpha, source, out, seed, structures, empty_means_missing):
 @click.option("--no-masks", is_flag=True, help="Images only (data for predict).")
 @handle_errors
 def check_cmd(source, no_masks):
-    """Report counts, sizes, mask coverage and every problem of a dataset."""
+    """Report counts, sizes, mask coverage and every problem of a dataset.
+
+    Every image and mask (attribute masks too) is decoded; broken symbolic links
+    and masks without an image are listed as warnings.
+    """
     from lesionkeras.data import check, layout
 
     df = layout.build_manifest(source)
     with click.progressbar(length=len(df), label="checking", file=sys.stderr) as bar:
         report = check.check_manifest(
-            df, require_masks=not no_masks, progress=lambda done, total: bar.update(done - bar.pos)
+            df, require_masks=not no_masks, mask_columns=check.mask_columns(df),
+            progress=lambda done, total: bar.update(done - bar.pos)
         )
+    report.problems.extend(check.stray_files(source, df))
     click.echo(check.format_report(report, root=source))
     if report.errors:
         sys.exit(2)

@@ -29,7 +29,7 @@ from lesionkeras.classify import metrics as cmetrics
 from lesionkeras.data.classes import ATTRIBUTES
 from lesionkeras.errors import ConfigError, DataError
 from lesionkeras.classify.data import list_images
-from lesionkeras.data import layout, missing, pipeline, sources
+from lesionkeras.data import check, layout, missing, pipeline, sources
 import lesionkeras.models.attribute_net  # noqa: F401
 
 SIZE_MULTIPLE = 32
@@ -45,6 +45,7 @@ def manifest(cfg, source=None, limit=None):
     if not all(c in df for c in layout.ATTRIBUTE_COLUMNS):
         raise DataError(f"{source}: no ISIC 2018 Task 2 attribute masks "
                         "(<id>_attribute_<name>.png or attr_<name> columns) found")
+    check.validate(df, require_masks=False, mask_columns=(), source=source)  # the images
     return missing.annotate(df, ATTRIBUTES, empty_means_missing=cfg.smile.empty_means_missing,
                             source=source)
 

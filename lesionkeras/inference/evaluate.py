@@ -42,7 +42,7 @@ def list_images(source) -> pd.DataFrame:
         except DataError:
             paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
-            raise DataError(f"{source}: empty folder: no images found")
+            raise layout.no_images_error(source)
     else:
         raise DataError(f"{source}: no such file or folder")
     return pd.DataFrame(

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from lesionkeras.data import layout
+from lesionkeras.data import check, layout
 from lesionkeras.data.classes import ATTRIBUTES
 from lesionkeras.errors import ConfigError, DataError
 from lesionkeras.files import atomic_folder, check_output
@@ -91,7 +91,9 @@ def annotate(df: pd.DataFrame, structures, *, empty_means_missing=False, source=
 
     Raises:
         DataError: a structure has no mask column, a flag is not a boolean, a
-            flagged structure has no mask file, or a mask file is missing.
+            flagged structure has no mask file, or a mask file is missing, does
+            not decode or has another size than its image (`check.validate`;
+            every bad file is listed in `problems`).
     """
     df = df.copy()
     for name in structures:
@@ -120,6 +122,10 @@ def annotate(df: pd.DataFrame, structures, *, empty_means_missing=False, source=
             if flag and empty_means_missing and flag_col not in df and _is_empty_mask(path):
                 flags[i] = False
         df[flag_col] = np.asarray(flags, dtype=bool)
+    # Every listed mask file is read by training (annotated or not): each must decode
+    # and match its image's size, checked now rather than by TensorFlow mid-run.
+    check.validate(df, require_masks=False, mask_columns=[mask_column(n) for n in structures],
+                   image_sizes_only=True, source=source)
     return df
 
 
