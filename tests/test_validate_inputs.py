@@ -1,5 +1,5 @@
 """Inputs are checked before anything is written: attribute masks, noisy/clean
-folders; `data check` lists attribute masks, broken links and orphan masks.
+folders, models; `data check` lists attribute masks, broken links and orphan masks.
 
 Each bad input gives one line per bad file naming it, exit code 2, and nothing
 written. None of these tests trains: every check happens before training.
@@ -170,3 +170,21 @@ def test_predict_ignores_the_masks_it_does_not_read(run_dir, tmp_path):
     res = invoke("predict", run_dir, data, "--out", tmp_path / "out")
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "out").glob("*_mask.png"))) == 3
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "export"])
+def test_a_truncated_model_is_named_as_such(command, run_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(run_dir / "config.toml", bad)
+    (bad / "model.keras").write_bytes((run_dir / "model.keras").read_bytes()[:5000])
+    data = write_generic(tmp_path / "data", n=2)
+    out = tmp_path / "out"
+    args = {"predict": ["predict", bad, data / "images", "--out", out],
+            "evaluate": ["evaluate", bad / "model.keras", "--data", data, "--out", out],
+            "export": ["export", bad, "--out", out]}[command]
+    res = invoke(*args)
+    assert res.exit_code == 2
+    assert error_lines(res) == [f"error: {bad / 'model.keras'}: not a Keras model file "
+                                "(truncated or corrupt: 5000 bytes, not a .keras zip archive)"]
+    assert not out.exists()

@@ -29,6 +29,7 @@ from lesionkeras.classify import metrics as cmetrics
 from lesionkeras.data.classes import ATTRIBUTES
 from lesionkeras.errors import ConfigError, DataError
 from lesionkeras.classify.data import list_images
+from lesionkeras.inference.loading import load_keras_model
 from lesionkeras.data import check, layout, missing, pipeline, sources
 import lesionkeras.models.attribute_net  # noqa: F401
 
@@ -68,7 +69,7 @@ def init_encoder(network, source):
     if not path.is_file():
         raise ConfigError(f"{source}: `attributes.init_from` must be a run directory or a "
                           ".keras file (not found)")
-    task1 = keras.saving.load_model(path, compile=False)
+    task1 = load_keras_model(path, compile=False)
     try:
         network.get_layer("encoder").set_weights(task1.get_layer("encoder").get_weights())
     except ValueError as e:
@@ -111,7 +112,7 @@ def _load(model_path):
         raise ConfigError(f"{run}: a `{cfg.task}` run, not an attributes run")
     if not (run / "model.keras").exists():
         raise ConfigError(f"{run}: incomplete attributes run (no model.keras)")
-    return cfg, keras.saving.load_model(run / "model.keras")
+    return cfg, load_keras_model(run / "model.keras")
 
 
 def evaluate(model_path, data=None, out=None, batch_size=None, limit=None):

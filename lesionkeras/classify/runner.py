@@ -33,6 +33,7 @@ from lesionkeras.classify import metrics as cmetrics
 from lesionkeras.classify.triplet import nearest_class_mean_distances
 from lesionkeras.errors import ConfigError, DataError
 from lesionkeras.data import check
+from lesionkeras.inference.loading import load_keras_model
 
 # Nearest-mean "probabilities": softmax of -distance / T. Only the argmax is the
 # prediction; T keeps the scores readable for unit-norm embeddings (distances in [0, 2]).
@@ -130,7 +131,7 @@ class ClassifierPredictor:
 
         self.run_dir = run_dir
         self.classes = tuple(json.loads((run_dir / "classes.json").read_text()))
-        self.network = keras.saving.load_model(run_dir / "model.keras")
+        self.network = load_keras_model(run_dir / "model.keras")
         refs = run_dir / "references.npz"
         self.references = dict(np.load(refs)) if refs.exists() else None
 
