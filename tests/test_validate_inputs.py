@@ -1,4 +1,4 @@
-"""Inputs are checked before anything is written: attribute masks, noisy/clean
+"""Inputs are checked before anything is written: folds, attribute masks, noisy/clean
 folders, models; `data check` lists attribute masks, broken links and orphan masks.
 
 Each bad input gives one line per bad file naming it, exit code 2, and nothing
@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from lesionkeras import files
 from lesionkeras.cli import main
 from lesionkeras.data import synthetic
 
@@ -71,6 +72,28 @@ def bad_attributes(isic, tmp_path):
 def run_dir(tmp_path_factory):
     return untrained_run(tmp_path_factory.mktemp("model") / "run", size=SIZE, seed=0,
                          overrides={})
+
+
+def test_fit_folds_checks_the_data_before_writing_folds_json(tmp_path):
+    data = write_generic(tmp_path / "data")
+    (data / "images" / "case4.png").write_bytes(b"not an image")
+    run = tmp_path / "run"
+    res = invoke("fit", "--folds", 2, "--data", data, "--out", run, *TINY)
+    assert res.exit_code == 2, res.output
+    assert "case4.png: cannot decode image" in error_lines(res)[0]
+    # Nothing written, so the corrected command is not refused as "not empty".
+    assert not run.exists()
+
+
+def test_fit_folds_holds_the_lock_of_the_folds_parent(tmp_path):
+    data = write_generic(tmp_path / "data")
+    run = tmp_path / "run"
+    run.mkdir()
+    with files.run_lock(run):  # another process's run with folds, as far as fit can tell
+        res = invoke("fit", "--folds", 2, "--data", data, "--out", run, *TINY)
+    assert res.exit_code == 2, res.output
+    assert f"PID {os.getpid()}" in error_lines(res)[0]
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]
 
 
 @pytest.mark.parametrize("method", [
