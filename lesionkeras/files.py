@@ -11,6 +11,7 @@ write (read-only, a file in the way, a name too long), before anything is writte
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import os
@@ -106,13 +107,23 @@ def atomic_folder(path):
         # must be readable by others, as a folder made by mkdir is.
         os.chmod(tmp, 0o755)
         yield tmp
-        for folder, _, names in os.walk(tmp):
-            for name in names:
-                _fsync_file(Path(folder) / name)
+        _fsync_tree(tmp)
         if path.is_dir():
             path.rmdir()  # empty; renaming onto a folder is not portable
         os.replace(tmp, path)
     _fsync_folder(path.parent)
+
+
+def _fsync_tree(folder):
+    """Flushes every file below `folder` to disk.
+
+    In parallel: the file system commits concurrent flushes together, which
+    makes a folder of thousands of small files (a dataset) several times
+    quicker to flush than one file after the other.
+    """
+    paths = [Path(d) / name for d, _, names in os.walk(folder) for name in names]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(_fsync_file, paths))
 
 
 def _fsync_file(path):
