@@ -121,7 +121,7 @@ def check_cmd(source, no_masks):
     df = layout.build_manifest(source)
     with click.progressbar(length=len(df), label="checking", file=sys.stderr) as bar:
         report = check.check_manifest(
-            df, require_masks=not no_masks, mask_columns=check.mask_columns(df),
+            df, require_masks=not no_masks, mask_columns=check.all_mask_columns(df),
             progress=lambda done, total: bar.update(done - bar.pos)
         )
     report.problems.extend(check.stray_files(source, df))

@@ -1,9 +1,12 @@
 """Validate the files of a manifest before any training starts.
 
-Every image and mask is opened with PIL and fully decoded, so a corrupt file
-is reported here, with its name, instead of crashing a ``tf.data`` pipeline
-hours into a run. All problems are collected; nothing stops at the first one,
-so the user can fix a whole folder in one go.
+Every image and every mask the caller will read (the lesion ``mask``, the
+attribute masks ``attr_<name>`` of the methods that use them) is opened with
+PIL and fully decoded, so a corrupt or mis-sized file is reported here, with
+its name, instead of crashing a ``tf.data`` pipeline hours into a run. All
+problems are collected; nothing stops at the first one, so the user can fix a
+whole folder in one go. `stray_files` lists what a folder holds that its
+manifest leaves out (broken symbolic links, masks with no image).
 
 Severity ``"error"`` means the file cannot be used (training would fail or
 learn from garbage); ``"warning"`` means the pipeline copes by converting the
@@ -87,7 +90,7 @@ class CheckReport:
         return [p for p in self.problems if p.severity == WARNING]
 
 
-def mask_columns(df):
+def all_mask_columns(df):
     """Every mask column of a manifest: ``mask`` and the attribute masks ``attr_<name>``."""
     return [c for c in df.columns if c == "mask" or str(c).startswith("attr_")]
 
@@ -105,7 +108,7 @@ def check_manifest(df, *, require_masks=True, mask_columns=("mask",), image_size
         mask_columns: sequence of str. The mask columns to check (those the
             caller will read): every listed file must decode as a mask of the
             image's size. Columns the manifest lacks are skipped. Defaults to
-            ``("mask",)``; :func:`mask_columns` gives every one (``data check``).
+            ``("mask",)``; :func:`all_mask_columns` gives every one (``data check``).
         image_sizes_only: bool. Read only the images' sizes (their headers),
             for a caller whose images were checked already. Defaults to False.
         workers: int. Threads decoding files in parallel (PIL releases the
@@ -217,7 +220,7 @@ def stray_files(source, df):
     root = os.path.abspath(os.fspath(source))
     if not os.path.isdir(root) or os.path.isfile(os.path.join(root, MANIFEST_NAME)):
         return []
-    used = {os.path.abspath(_cell(v)) for c in ["image", *mask_columns(df)] if c in df
+    used = {os.path.abspath(_cell(v)) for c in ["image", *all_mask_columns(df)] if c in df
             for v in df[c] if _cell(v)}
     problems = []
     for dirpath, parts, _, names in _scan(root):
