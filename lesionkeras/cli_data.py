@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from lesionkeras import files
 from lesionkeras.console import handle_errors
 
 
@@ -16,7 +17,7 @@ def data():
 
 
 @data.command()
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--out", required=True, type=click.Path(), help="Output folder.")
 @click.option("--count", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--size", type=click.IntRange(min=16), default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -25,6 +26,7 @@ def synth(out, count, size, seed):
     """Write the built-in synthetic dataset in the ISIC 2018 layouts (Tasks 1, 2, 3)."""
     from lesionkeras.data import synthetic
 
+    files.check_output(out, whole=True, empty=True)  # before the progress bar starts
     with click.progressbar(length=count, label="generating", file=sys.stderr) as bar:
         path = synthetic.write_isic(out, count=count, size=size, seed=seed,
                                     progress=lambda n: bar.update(1))
@@ -40,7 +42,7 @@ def synth(out, count, size, seed):
               help="Folder of masks (or one mask file).")
 
 
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--out", required=True, type=click.Path(),
               help="Output folder (must not exist or be empty).")
 
 
@@ -54,6 +56,7 @@ def noise(level, source, out, seed, band):
     """Write polygon-simplified (noisy) 0/255 PNG masks, one per input mask."""
     from lesionkeras.data import noise as noise_lib
 
+    files.check_output(out, whole=True, empty=True)  # before the progress bar starts
     count = len(noise_lib.list_masks(source))
     with click.progressbar(length=count, label="simplifying", file=sys.stderr) as bar:
         path = noise_lib.write_noisy_masks(source, out, level, seed=seed, band=band,
@@ -70,7 +73,7 @@ def noise(level, source, out, seed, band):
               help="Dataset folder (ISIC with Task 2 attributes) or manifest CSV.")
 
 
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--out", required=True, type=click.Path(),
               help="Output folder (must not exist or be empty).")
 
 
@@ -108,14 +111,20 @@ def drop_labels(alpha, source, out, seed, structures, empty_means_missing):
 @click.option("--no-masks", is_flag=True, help="Images only (data for predict).")
 @handle_errors
 def check_cmd(source, no_masks):
-    """Report counts, sizes, mask coverage and every problem of a dataset."""
+    """Report counts, sizes, mask coverage and every problem of a dataset.
+
+    Every image and mask (attribute masks too) is decoded; broken symbolic links
+    and masks without an image are listed as warnings.
+    """
     from lesionkeras.data import check, layout
 
     df = layout.build_manifest(source)
     with click.progressbar(length=len(df), label="checking", file=sys.stderr) as bar:
         report = check.check_manifest(
-            df, require_masks=not no_masks, progress=lambda done, total: bar.update(done - bar.pos)
+            df, require_masks=not no_masks, mask_columns=check.all_mask_columns(df),
+            progress=lambda done, total: bar.update(done - bar.pos)
         )
+    report.problems.extend(check.stray_files(source, df))
     click.echo(check.format_report(report, root=source))
     if report.errors:
         sys.exit(2)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from lesionkeras import files
 from lesionkeras.cli_options import BATCH_OPTION, DATA_OPTION, LIMIT_OPTION, THRESHOLD_OPTION
 from lesionkeras.console import fail, handle_errors, quiet_tensorflow_import
 
@@ -82,9 +83,12 @@ def evaluate(model_paths, data, out, threshold, batch_size, limit, ensemble, tta
     With --ensemble, MODEL... are averaged (and each is also scored alone).
     With --postprocess, scores with and without it are shown side by side.
     """
+    if out is not None:
+        files.check_output(out)  # before the model loads: that takes a while
     quiet_tensorflow_import()
     from lesionkeras import postprocess as postprocess_lib
     from lesionkeras.data import check
+    from lesionkeras.data.missing.labels import mask_column
     from lesionkeras.inference import evaluate as evaluation
 
     model_path = model_paths[0]
@@ -103,7 +107,10 @@ def evaluate(model_paths, data, out, threshold, batch_size, limit, ensemble, tta
     predictor = _load_predictor(model_paths, ensemble, tta, threshold)
     if split == "all":
         df = _load_data(data, limit)
-        check.validate(df, require_masks=True, source=data or "synthetic")
+        # The masks evaluation reads: one per structure of a K-structure model.
+        names = getattr(predictor, "structures", ())
+        columns = [mask_column(s) for s in names] if len(names) > 1 else ["mask"]
+        check.validate(df, require_masks=True, mask_columns=columns, source=data or "synthetic")
     else:
         from lesionkeras.training import run
 
@@ -156,6 +163,7 @@ def predict(model_paths, input_path, out, threshold, probabilities, overlay, bat
 
     With --ensemble, the probabilities of MODEL... are averaged.
     """
+    files.check_output(out)  # before the model loads: that takes a while
     quiet_tensorflow_import()
     from lesionkeras import postprocess as postprocess_lib
     from lesionkeras.data import check
@@ -176,7 +184,8 @@ def predict(model_paths, input_path, out, threshold, probabilities, overlay, bat
         raise click.UsageError("--mc-samples combines with neither --ensemble nor --tta.")
     predictor = _load_predictor(model_paths, ensemble, tta, threshold)
     df = evaluation.list_images(input_path)
-    check.validate(df, require_masks=False, source=input_path)
+    # Only the images are read: a bad mask beside them is no reason to refuse.
+    check.validate(df, require_masks=False, mask_columns=(), source=input_path)
     with click.progressbar(length=len(df), label="predicting", file=sys.stderr) as bar:
         written = prediction.predict(
             predictor, df, out, probabilities=probabilities, overlays=overlay,

@@ -204,7 +204,7 @@ def fit(config_file, resume, kfold, **flags):
 
 
 @DATA_OPTION
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--out", required=True, type=click.Path(),
               help="Folder for lr_find.csv and lr_find.png.")
 
 

@@ -26,8 +26,10 @@ Every export is checked before it is published: the artefact and the Keras
 model run on a few synthetic images, and the export is refused (nothing left
 at `out`) when their probabilities differ by more than `tolerance` (float
 exports) or when the Dice agreement of their thresholded masks falls below
-`min_dice` (quantised exports, whose probabilities move by design). Files are
-written to a temporary folder next to `out` and renamed into place.
+`min_dice` (quantised exports, whose probabilities move by design). `out` is
+checked before the model loads (`files.check_output`); a SavedModel is built in
+a temporary folder next to `out` and renamed into place (`files.atomic_folder`),
+a TFLite file in a scratch folder and copied to `out` whole.
 
 Example:
 ```python
@@ -43,9 +45,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import keras
@@ -53,7 +52,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from lesionkeras import __version__
+from lesionkeras import __version__, files
 from lesionkeras.data import pipeline
 from lesionkeras.data.color import apply_color_constancy
 from lesionkeras.errors import DataError, LesionKerasError
@@ -310,12 +309,13 @@ def _metadata(predictor, fmt, out_channels):
 
 
 def _check_out(out, fmt):
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise DataError(f"{out}: already exists; choose a new --out")
     if fmt == "tflite" and out.suffix != ".tflite":
         raise DataError(f"{out}: a TFLite export needs a .tflite file name")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise DataError(f"{out.parent}: not a folder")
+    files.check_output(out, kind="folder" if fmt == "savedmodel" else "file", whole=True)
+    if fmt == "tflite":  # its metadata goes beside it
+        files.check_output(out.with_name(f"{out.stem}.{METADATA_FILE}"), kind="file")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise DataError(f"{out}: already exists; choose a new --out")
 
 
 def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolerance=1e-4,
@@ -377,11 +377,10 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
     odd = parity_images(size * 3 // 2, 1)[0][:, : size + 5]
     odd_reference = predictor.probabilities([odd])[0]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    # mkdtemp makes the folder private; a served model must be readable by the server.
-    os.chmod(tmp, 0o755)
-    try:
+    # A SavedModel is built in a temporary folder renamed to `out` at the end; a
+    # TFLite file is built in a scratch folder and copied to `out` whole.
+    workspace = files.atomic_folder(out) if format == "savedmodel" else files.scratch_folder(out)
+    with workspace as tmp:
         saved_model = tmp if format == "savedmodel" else tmp / "saved_model"
         write_savedmodel(predictor.model, saved_model, size, predictor.mean, predictor.std,
                          predictor.threshold, _color_constancy(predictor), predictor.activation,
@@ -389,13 +388,13 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
         if format == "savedmodel":
             probs, odd_probs = _run_savedmodel(saved_model, images, _png_bytes(odd))
             diffs = [np.abs(probs - reference).max(), np.abs(odd_probs - odd_reference).max()]
-            artefact, meta_path = tmp, tmp / METADATA_FILE
+            final, final_meta = out, out / METADATA_FILE
         else:
             artefact = tmp / out.name
             write_tflite(saved_model, artefact, quantize, representative)
             probs = _run_tflite(artefact, images)
             diffs = [np.abs(probs - reference).max()]
-            meta_path = tmp / f"{out.stem}.{METADATA_FILE}"
+            final, final_meta = out, out.with_name(f"{out.stem}.{METADATA_FILE}")
         max_diff = float(max(diffs))
         dice = mask_dice(probs >= predictor.threshold, reference >= predictor.threshold)
         log(f"parity on {len(images)} synthetic images: max abs diff {max_diff:.3g}, "
@@ -418,15 +417,11 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
             else {"min_dice": min_dice, "representative_images":
                   0 if representative is None else len(representative)}
         )
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        text = json.dumps(meta, indent=2) + "\n"
         if format == "savedmodel":
-            os.replace(tmp, out)
-            final, final_meta = out, out / METADATA_FILE
+            (tmp / METADATA_FILE).write_text(text)  # published with the folder
         else:
-            final_meta = out.with_name(meta_path.name)
-            os.replace(meta_path, final_meta)
-            os.replace(artefact, out)
-            final = out
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            # The metadata first: a .tflite file never appears without it.
+            files.write_text(final_meta, text)
+            files.copy(artefact, out)
     return ExportResult(final, final_meta, format, max_diff, dice, len(images))

@@ -24,11 +24,13 @@ import tensorflow as tf
 from PIL import Image
 
 from lesionkeras import config as config_lib
+from lesionkeras import files
 from lesionkeras.classify import metrics as cmetrics
 from lesionkeras.data.classes import ATTRIBUTES
 from lesionkeras.errors import ConfigError, DataError
 from lesionkeras.classify.data import list_images
-from lesionkeras.data import layout, missing, pipeline, sources
+from lesionkeras.inference.loading import load_keras_model
+from lesionkeras.data import check, layout, missing, pipeline, sources
 import lesionkeras.models.attribute_net  # noqa: F401
 
 SIZE_MULTIPLE = 32
@@ -44,6 +46,7 @@ def manifest(cfg, source=None, limit=None):
     if not all(c in df for c in layout.ATTRIBUTE_COLUMNS):
         raise DataError(f"{source}: no ISIC 2018 Task 2 attribute masks "
                         "(<id>_attribute_<name>.png or attr_<name> columns) found")
+    check.validate(df, require_masks=False, mask_columns=(), source=source)  # the images
     return missing.annotate(df, ATTRIBUTES, empty_means_missing=cfg.smile.empty_means_missing,
                             source=source)
 
@@ -66,7 +69,7 @@ def init_encoder(network, source):
     if not path.is_file():
         raise ConfigError(f"{source}: `attributes.init_from` must be a run directory or a "
                           ".keras file (not found)")
-    task1 = keras.saving.load_model(path, compile=False)
+    task1 = load_keras_model(path, compile=False)
     try:
         network.get_layer("encoder").set_weights(task1.get_layer("encoder").get_weights())
     except ValueError as e:
@@ -109,17 +112,17 @@ def _load(model_path):
         raise ConfigError(f"{run}: a `{cfg.task}` run, not an attributes run")
     if not (run / "model.keras").exists():
         raise ConfigError(f"{run}: incomplete attributes run (no model.keras)")
-    return cfg, keras.saving.load_model(run / "model.keras")
+    return cfg, load_keras_model(run / "model.keras")
 
 
 def evaluate(model_path, data=None, out=None, batch_size=None, limit=None):
     """(summary lines, out folder): pooled Jaccard per attribute on labelled data."""
     cfg, network = _load(model_path)
+    out = files.check_output(out or Path(model_path) / f"eval-{Path(data or cfg.data.source).name}")
     df = manifest(cfg, data, limit)
     scores = score(network, datasets(cfg, df, False, batch_size), cfg.train.threshold)
-    out = Path(out) if out else Path(model_path) / f"eval-{Path(data or cfg.data.source).name}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({**scores, "images": len(df)}, indent=2) + "\n")
+    files.write_text(out / "metrics.json", json.dumps({**scores, "images": len(df)}, indent=2) + "\n")
     lines = [f"ISIC 2018 Task 2 Jaccard (pixels pooled over {len(df)} images): "
              f"mean {scores['jaccard']:.4f}"]
     lines += [f"  {a:<18}" + ("n/a (empty)" if scores[f"jaccard_{a}"] is None
@@ -132,10 +135,10 @@ def evaluate(model_path, data=None, out=None, batch_size=None, limit=None):
 def predict(model_path, input_path, out, batch_size=None):
     """Writes `<image>_attribute_<name>.png` (0/255, original size); returns the image count."""
 
+    out = files.check_output(out)
     cfg, network = _load(model_path)
     size = cfg.data.crop_size or cfg.data.image_size
     df = list_images(input_path)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     norm = pipeline.normalizer(pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD)
     for image_id, path in zip(df["id"], df["image"]):
@@ -149,5 +152,5 @@ def predict(model_path, input_path, out, batch_size=None):
         probs = tf.image.resize(probs, rgb.shape[:2]).numpy()[0]
         for k, name in enumerate(ATTRIBUTES):
             mask = (probs[..., k] >= cfg.train.threshold).astype(np.uint8) * 255
-            Image.fromarray(mask).save(out / f"{image_id}_attribute_{name}.png")
+            files.save_image(mask, out / f"{image_id}_attribute_{name}.png")
     return len(df)

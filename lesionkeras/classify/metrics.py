@@ -13,6 +13,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from lesionkeras import files
+
 
 def confusion_matrix(y_true, y_pred, num_classes):
     """(K, K) int counts; row = true class, column = predicted class."""
@@ -94,7 +96,7 @@ def write_confusion(cm, classes, out_dir):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cm = np.asarray(cm)
-    with open(out_dir / "confusion.csv", "w", newline="") as f:
+    with files.atomic_path(out_dir / "confusion.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["true\\predicted", *classes])
         for c, row in zip(classes, cm):
@@ -113,7 +115,8 @@ def write_confusion(cm, classes, out_dir):
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.tight_layout()
-    fig.savefig(out_dir / "confusion.png", dpi=100)
+    with files.atomic_path(out_dir / "confusion.png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return out_dir / "confusion.csv", out_dir / "confusion.png"
 

@@ -27,13 +27,13 @@ import keras
 import numpy as np
 
 from lesionkeras import config as config_lib
-from lesionkeras import files
-from lesionkeras import schedules
+from lesionkeras import files, schedules
 from lesionkeras.classify import data as cdata
 from lesionkeras.classify import metrics as cmetrics
 from lesionkeras.classify.triplet import nearest_class_mean_distances
 from lesionkeras.errors import ConfigError, DataError
 from lesionkeras.data import check
+from lesionkeras.inference.loading import load_keras_model
 
 # Nearest-mean "probabilities": softmax of -distance / T. Only the argmax is the
 # prediction; T keeps the scores readable for unit-norm embeddings (distances in [0, 2]).
@@ -132,7 +132,7 @@ class ClassifierPredictor:
 
         self.run_dir = run_dir
         self.classes = tuple(json.loads((run_dir / "classes.json").read_text()))
-        self.network = keras.saving.load_model(run_dir / "model.keras")
+        self.network = load_keras_model(run_dir / "model.keras")
         refs = run_dir / "references.npz"
         self.references = dict(np.load(refs)) if refs.exists() else None
 
@@ -159,6 +159,7 @@ def evaluate(model_path, data=None, out=None, batch_size=None, limit=None):
     """
     predictor = ClassifierPredictor(model_path)
     cfg = predictor.cfg
+    out = files.check_output(out or Path(model_path) / f"eval-{Path(data or cfg.data.source).name}")
     if limit is not None:
         cfg = cfg.override({"data.limit": limit})
     df, data_classes = load_data(cfg, data)
@@ -172,12 +173,11 @@ def evaluate(model_path, data=None, out=None, batch_size=None, limit=None):
                                              labels=False))
     pred = probs.argmax(1)
     report = cmetrics.classification_report(labels, pred, predictor.classes)
-    out = Path(out) if out else Path(model_path) / f"eval-{Path(data or cfg.data.source).name}"
     out.mkdir(parents=True, exist_ok=True)
     cmetrics.write_confusion(report.pop("confusion"), predictor.classes, out)
     report["predict_by"] = predict_rule(cfg)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    with open(out / "per_image.csv", "w", newline="") as f:
+    files.write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
+    with files.atomic_path(out / "per_image.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["image", "truth", "prediction", *predictor.classes])
         for i, t, p, row in zip(df["id"], labels, pred, probs):
@@ -192,15 +192,15 @@ def predict(model_path, input_path, out, batch_size=None):
     Returns:
         Path of `OUT/predictions.csv`.
     """
+    out = files.check_output(out)
     predictor = ClassifierPredictor(model_path)
     df = cdata.list_images(input_path)
     check_images(df, input_path)
     probs = predictor.probabilities(dataset(predictor.cfg, df, training=False,
                                              batch_size=batch_size, labels=False))
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "predictions.csv"
-    with open(path, "w", newline="") as f:
+    with files.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["image", *predictor.classes])
         for i, row in zip(df["id"], probs):

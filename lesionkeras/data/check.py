@@ -1,9 +1,12 @@
 """Validate the files of a manifest before any training starts.
 
-Every image and mask is opened with PIL and fully decoded, so a corrupt file
-is reported here, with its name, instead of crashing a ``tf.data`` pipeline
-hours into a run. All problems are collected; nothing stops at the first one,
-so the user can fix a whole folder in one go.
+Every image and every mask the caller will read (the lesion ``mask``, the
+attribute masks ``attr_<name>`` of the methods that use them) is opened with
+PIL and fully decoded, so a corrupt or mis-sized file is reported here, with
+its name, instead of crashing a ``tf.data`` pipeline hours into a run. All
+problems are collected; nothing stops at the first one, so the user can fix a
+whole folder in one go. `stray_files` lists what a folder holds that its
+manifest leaves out (broken symbolic links, masks with no image).
 
 Severity ``"error"`` means the file cannot be used (training would fail or
 learn from garbage); ``"warning"`` means the pipeline copes by converting the
@@ -15,10 +18,14 @@ import concurrent.futures
 import dataclasses
 import math
 import os
+import re
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from lesionkeras.data.layout_csv import MANIFEST_NAME
+from lesionkeras.data.layout_folders import _scan
+from lesionkeras.data.layout_frame import _is_image_name
 from lesionkeras.errors import DataError
 
 ERROR = "error"
@@ -83,15 +90,27 @@ class CheckReport:
         return [p for p in self.problems if p.severity == WARNING]
 
 
-def check_manifest(df, *, require_masks=True, workers=8, progress=None, source=None):
+def all_mask_columns(df):
+    """Every mask column of a manifest: ``mask`` and the attribute masks ``attr_<name>``."""
+    return [c for c in df.columns if c == "mask" or str(c).startswith("attr_")]
+
+
+def check_manifest(df, *, require_masks=True, mask_columns=("mask",), image_sizes_only=False,
+                   workers=8, progress=None, source=None):
     """Decode every image and mask of a manifest and report what is wrong.
 
     Args:
         df: pandas.DataFrame. A manifest (see :mod:`lesionkeras.data.layout`);
-            only its ``image`` and ``mask`` columns are read.
-        require_masks: bool. If True an image without a mask is an error
+            only its ``image`` column and the `mask_columns` are read.
+        require_masks: bool. If True an image without a ``mask`` is an error
             (training, evaluation); if False it is fine (prediction). Masks
             that are listed are checked either way.
+        mask_columns: sequence of str. The mask columns to check (those the
+            caller will read): every listed file must decode as a mask of the
+            image's size. Columns the manifest lacks are skipped. Defaults to
+            ``("mask",)``; :func:`all_mask_columns` gives every one (``data check``).
+        image_sizes_only: bool. Read only the images' sizes (their headers),
+            for a caller whose images were checked already. Defaults to False.
         workers: int. Threads decoding files in parallel (PIL releases the
             GIL while decoding); ``1`` checks in the calling thread.
         progress: callable or None. Called as ``progress(done, total)`` in
@@ -109,11 +128,17 @@ def check_manifest(df, *, require_masks=True, workers=8, progress=None, source=N
         raise DataError(f"{source if source is not None else 'manifest'}: empty folder: no images found")
     images = [_cell(v) for v in df["image"]]
     masks = [_cell(v) for v in df["mask"]] if "mask" in df.columns else [""] * len(images)
-    jobs = list(zip(images, masks))
+    # Masks that are required are checked too.
+    columns = [c for c in (["mask"] if require_masks else []) + list(mask_columns)
+               if c in df.columns]
+    columns = list(dict.fromkeys(columns))
+    cells = [[_cell(v) for v in df[c]] for c in columns]
+    jobs = [(image, list(zip(columns, row))) for image, row in
+            zip(images, zip(*cells) if cells else [()] * len(images))]
     total = len(jobs)
 
     def run(job):
-        return _check_row(job[0], job[1], require_masks)
+        return _check_row(job[0], job[1], require_masks, image_sizes_only)
 
     results = []
     if workers <= 1:
@@ -171,6 +196,46 @@ def validate(df, *, require_masks=True, **kw):
     return report
 
 
+# Names and folders that hold masks in the layouts `layout` reads.
+_MASK_NAME = re.compile(r".*(_segmentation|_attribute_[a-z_]+|_mask|_lesion)\.[a-z]+", re.IGNORECASE)
+_MASK_FOLDER = re.compile(r"masks|.*groundtruth.*|.*_lesion", re.IGNORECASE)
+
+
+def stray_files(source, df):
+    """Warnings for the files of a dataset folder that its manifest leaves out, unseen.
+
+    A broken symbolic link (its target is missing) with an image name, and a
+    mask with no image (by its name, or a folder of masks such as ``masks/``
+    or ``*_GroundTruth/``). Other files (e.g. ISIC superpixels) are not listed.
+
+    Args:
+        source: str or os.PathLike. The dataset folder `df` was built from; a
+            manifest CSV (or a folder with ``manifest.csv``) names its files
+            itself and has no strays.
+        df: pandas.DataFrame. Its manifest.
+
+    Returns:
+        list of Problem of severity ``"warning"``, sorted by path.
+    """
+    root = os.path.abspath(os.fspath(source))
+    if not os.path.isdir(root) or os.path.isfile(os.path.join(root, MANIFEST_NAME)):
+        return []
+    used = {os.path.abspath(_cell(v)) for c in ["image", *all_mask_columns(df)] if c in df
+            for v in df[c] if _cell(v)}
+    problems = []
+    for dirpath, parts, _, names in _scan(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if path in used or not _is_image_name(name):
+                continue
+            if os.path.islink(path) and not os.path.exists(path):
+                problems.append(Problem(path, f"broken symbolic link (its target "
+                                              f"{os.readlink(path)} is missing); not used", WARNING))
+            elif _MASK_NAME.fullmatch(name) or any(_MASK_FOLDER.fullmatch(p) for p in parts):
+                problems.append(Problem(path, "mask with no image; not used", WARNING))
+    return sorted(problems, key=lambda p: p.path)
+
+
 def format_report(report, root=None):
     """Render a report as text for ``lesionkeras data check``.
 
@@ -221,7 +286,8 @@ class _RowResult:
     problems: list = dataclasses.field(default_factory=list)
 
 
-def _check_row(image_path, mask_path, require_masks):
+def _check_row(image_path, masks, require_masks, image_sizes_only=False):
+    """Checks one image and its masks, `masks` being (column, path) pairs."""
     result = _RowResult()
 
     def error(path, message):
@@ -231,25 +297,40 @@ def _check_row(image_path, mask_path, require_masks):
         result.problems.append(Problem(path, message, WARNING))
 
     if not os.path.isfile(image_path):
-        error(image_path, "image file not found")
+        if os.path.islink(image_path):
+            error(image_path, f"image is a broken symbolic link (to {os.readlink(image_path)})")
+        else:
+            error(image_path, "image file not found")
     else:
         try:
             with Image.open(image_path) as im:
-                im.load()
+                if not image_sizes_only:
+                    im.load()
                 mode, size, info = im.mode, im.size, im.info
         except Exception as exc:  # PIL raises many types for bad data
             error(image_path, f"cannot decode image: {_reason(exc)}")
         else:
             result.size = size
-            _check_image_mode(image_path, mode, info, error, warn)
+            if not image_sizes_only:
+                _check_image_mode(image_path, mode, info, error, warn)
 
-    if not mask_path:
-        if require_masks:
-            error(image_path, "no mask for this image")
-        return result
+    if require_masks and not dict(masks).get("mask"):
+        error(image_path, "no mask for this image")
+    for column, mask_path in masks:
+        if mask_path:
+            coverage = _check_mask(image_path, column, mask_path, result.size, error, warn)
+            if column == "mask":
+                result.coverage = coverage
+    return result
+
+
+def _check_mask(image_path, column, mask_path, image_size, error, warn):
+    """Decodes one mask; returns its coverage, or None when it cannot be used."""
+    what = "mask" if column == "mask" else f"{column[len('attr_'):]} mask"
     if not os.path.isfile(mask_path):
-        error(image_path, f"mask file not found: {mask_path}")
-        return result
+        target = f" (a broken symbolic link to {os.readlink(mask_path)})" if os.path.islink(mask_path) else ""
+        error(image_path, f"{what} file not found: {mask_path}{target}")
+        return None
     try:
         with Image.open(mask_path) as im:
             im.load()
@@ -258,25 +339,24 @@ def _check_row(image_path, mask_path, require_masks):
             # image decoder would, so "white = lesion" holds for them too.
             array = np.asarray(im.convert("L") if im.mode in ("P", "1") else im)
     except Exception as exc:
-        error(mask_path, f"cannot decode mask: {_reason(exc)}")
-        return result
+        error(mask_path, f"cannot decode {what}: {_reason(exc)}")
+        return None
 
-    if result.size is not None and mask_size != result.size:
+    if image_size is not None and mask_size != image_size:
         error(
             mask_path,
-            f"mask is {mask_size[0]}x{mask_size[1]} "
-            f"but image is {result.size[0]}x{result.size[1]}",
+            f"{what} is {mask_size[0]}x{mask_size[1]} "
+            f"but image is {image_size[0]}x{image_size[1]}",
         )
     if mask_mode not in _MASK_SINGLE and mask_mode not in _MASK_MULTI:
-        error(mask_path, f"unsupported mask mode {mask_mode}")
-        return result
+        error(mask_path, f"unsupported {what} mode {mask_mode}")
+        return None
     if mask_mode.startswith("I;16"):
         # Decoders hand 16-bit PNGs to the pipeline scaled to 8 bits; match that
         # so a 0/65535 mask counts as binary.
         array = array / 257.0
     array = _mask_to_single(mask_path, mask_mode, array, warn)
-    result.coverage = _coverage(mask_path, array, warn)
-    return result
+    return _coverage(mask_path, array, warn)
 
 
 def _check_image_mode(path, mode, info, error, warn):

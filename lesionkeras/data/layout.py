@@ -29,12 +29,14 @@ from lesionkeras.data.classes import ATTRIBUTES, DIAGNOSES
 from lesionkeras.data.layout_csv import MANIFEST_NAME, _build_from_csv, _manifest_csv, _path_columns
 from lesionkeras.data.layout_folders import (
     _UNKNOWN_LAYOUT, _build_generic, _build_isic, _build_ph2, _detect_in_tree, _raise_nothing_found, _scan)
-from lesionkeras.data.layout_frame import ATTRIBUTE_COLUMNS, BASE_COLUMNS, IMAGE_EXTENSIONS, _cell, _relative
+from lesionkeras.data.layout_frame import (
+    ATTRIBUTE_COLUMNS, BASE_COLUMNS, IMAGE_EXTENSIONS, _cell, _relative, no_images_error)
+from lesionkeras import files
 from lesionkeras.errors import ConfigError, DataError
 
 __all__ = [
     "ATTRIBUTES", "DIAGNOSES", "LAYOUTS", "BASE_COLUMNS", "ATTRIBUTE_COLUMNS", "IMAGE_EXTENSIONS",
-    "MANIFEST_NAME", "detect_layout", "build_manifest", "write_manifest",
+    "MANIFEST_NAME", "detect_layout", "build_manifest", "write_manifest", "no_images_error",
 ]
 
 LAYOUTS = ("isic", "ph2", "generic", "manifest")
@@ -141,13 +143,8 @@ def write_manifest(df, path):
     for column in _path_columns(out.columns):
         out[column] = [_relative(_cell(p), folder) for p in out[column]]
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with files.atomic_path(path) as tmp:
         out.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _existing_path(source):

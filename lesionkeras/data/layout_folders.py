@@ -6,7 +6,8 @@ import re
 import pandas as pd
 
 from lesionkeras.data.classes import ATTRIBUTES, DIAGNOSES
-from lesionkeras.data.layout_frame import ATTRIBUTE_COLUMNS, _first_line, _frame, _is_image_name, _row
+from lesionkeras.data.layout_frame import (
+    ATTRIBUTE_COLUMNS, _first_line, _frame, _is_image_name, _row, no_images_error)
 from lesionkeras.errors import DataError
 
 _UNKNOWN_LAYOUT = "unknown layout (expected ISIC, PH2, images/+masks/ or a manifest CSV)"
@@ -311,5 +312,5 @@ def _build_generic(root):
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise DataError(f"{root}: ambiguous files: {path}: {problem}{more}", problems=problems)
     if not rows:
-        raise DataError(f"{image_dir}: empty folder: no images found")
+        raise no_images_error(image_dir)
     return _frame(rows)

@@ -5,6 +5,7 @@ import os
 import pandas as pd
 
 from lesionkeras.data.classes import ATTRIBUTES
+from lesionkeras.errors import DataError
 
 BASE_COLUMNS = ("id", "image", "mask", "split", "fold", "clean")
 ATTRIBUTE_COLUMNS = tuple(f"attr_{name}" for name in ATTRIBUTES)
@@ -13,6 +14,23 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 def _is_image_name(name):
     return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def no_images_error(folder):
+    """The `DataError` for a folder without image files: empty, or images only in subfolders."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        count = sum(1 for f in filenames if _is_image_name(f) and not f.startswith("."))
+        if count and dirpath != os.fspath(folder):
+            top = os.path.relpath(dirpath, folder).split(os.sep)[0]
+            found[top] = found.get(top, 0) + count
+    if not found:
+        return DataError(f"{folder}: empty folder: no images found")
+    names = ", ".join(f"{name}/" for name in list(found)[:3]) + (", ..." if len(found) > 3 else "")
+    return DataError(f"{folder}: no images in the folder itself, only in its subfolders "
+                     f"({sum(found.values())} in {names}); give a subfolder, or a known "
+                     "layout (ISIC, PH2, images/ + masks/, a manifest CSV)")
 
 
 def _frame(rows, extra_columns=()):

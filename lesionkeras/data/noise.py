@@ -31,8 +31,6 @@ noisy_mask(mask, "3-vertex", seed=0)   # uint8 0/1, a triangle inside the box
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import zlib
 from pathlib import Path
 
@@ -42,6 +40,7 @@ from scipy import ndimage
 
 from lesionkeras.data import synthetic
 from lesionkeras.errors import ConfigError, DataError
+from lesionkeras.files import atomic_folder, check_output
 
 LEVELS = ("7-vertex", "3-vertex", "4-axis", "maximal")
 _VERTICES = {"7-vertex": 7, "3-vertex": 3}
@@ -331,9 +330,7 @@ def write_noisy_masks(source, out_dir, level: str, seed: int = 0, band=None, pro
         DataError: no masks, unreadable masks (all listed), or `out_dir` not empty.
     """
     _check_level(level)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out_dir}: output folder exists and is not empty")
+    out = check_output(out_dir, whole=True, empty=True)
     files = list_masks(source)
     names = [f.with_suffix(".png").name for f in files]
     if len(set(names)) != len(names):
@@ -357,9 +354,7 @@ def write_noisy_list(pairs, out_dir, level: str, seed: int = 0, band=None, progr
         DataError: unreadable masks (all listed) or `out_dir` not empty.
     """
     _check_level(level)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out_dir}: output folder exists and is not empty")
+    out = check_output(out_dir, whole=True, empty=True)
     masks, problems = [], []
     for f, _ in pairs:
         try:
@@ -368,23 +363,12 @@ def write_noisy_list(pairs, out_dir, level: str, seed: int = 0, band=None, progr
             problems.append((str(f), str(e).split(": ", 1)[1]))
     if problems:
         raise DataError(f"{problems[0][0]}: {problems[0][1]}", problems)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir()
+    with atomic_folder(out) as tmp:
         for i, ((_, name), m) in enumerate(zip(pairs, masks)):
             noisy = noisy_mask(m, level, seed=file_seed(seed, name), band=band)
             Image.fromarray(noisy * np.uint8(255)).save(tmp / name)
             if progress is not None:
                 progress(i + 1)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -22,11 +22,11 @@ import csv
 import dataclasses
 import os
 import pathlib
-import shutil
 
 import numpy as np
 from PIL import Image
 
+from lesionkeras import files
 from lesionkeras.data.classes import ATTRIBUTES, DIAGNOSES
 from lesionkeras.data.synthetic_lesion import _STYLES, _Shape, _lesion_body, _skin, _vignette
 from lesionkeras.data.synthetic_paint import _blend, _curves, _grid
@@ -188,7 +188,7 @@ def write_isic(out_dir, count: int, size: int = 64, seed: int = 0, progress=None
 
     The folder appears complete or not at all: everything is written into a
     temporary sibling folder, renamed into place at the end and removed on
-    any error.
+    any error (`files.atomic_folder`).
 
     Args:
         out_dir: str or path-like. Must not exist, or be an empty folder.
@@ -203,20 +203,14 @@ def write_isic(out_dir, count: int, size: int = 64, seed: int = 0, progress=None
 
     Raises:
         ValueError: an argument is out of range.
-        DataError: `out_dir` exists and is not an empty folder.
+        DataError: `out_dir` exists and is not an empty folder, or cannot be
+            written (`files.check_output`).
     """
     _check_positive_int("count", count, 1)
     _check_positive_int("size", size, 16)
     _check_positive_int("seed", seed, 0)
-    out = pathlib.Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out_dir}: output folder exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling, so that the final rename stays on one file system.
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a killed run that had our pid
-    try:
+    out = files.check_output(out_dir, whole=True, empty=True)
+    with files.atomic_folder(out) as tmp:
         for sub in (_INPUT_DIR, _TASK1_DIR, _TASK2_DIR, _TASK3_DIR):
             (tmp / sub).mkdir(parents=True)
         rows = []
@@ -236,12 +230,6 @@ def write_isic(out_dir, count: int, size: int = 64, seed: int = 0, progress=None
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["image", *DIAGNOSES])
             writer.writerows(rows)
-        if out.exists():
-            out.rmdir()  # empty (checked above); renaming onto a folder is not portable
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -12,6 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from lesionkeras import config as config_lib
+from lesionkeras import files
 from lesionkeras import metrics as metrics_lib
 from lesionkeras import postprocess as postprocess_lib
 from lesionkeras.data import layout, pipeline
@@ -34,18 +35,18 @@ def list_images(source) -> pd.DataFrame:
     if source.is_file():
         if source.suffix.lower() not in IMAGE_SUFFIXES:
             raise DataError(f"{source}: not an image file (expected {', '.join(sorted(IMAGE_SUFFIXES))})")
-        files = [source]
+        paths = [source]
     elif source.is_dir():
         try:
             return layout.build_manifest(source)
         except DataError:
-            files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DataError(f"{source}: empty folder: no images found")
+            paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise layout.no_images_error(source)
     else:
         raise DataError(f"{source}: no such file or folder")
     return pd.DataFrame(
-        {"id": [p.stem for p in files], "image": [str(p.resolve()) for p in files], "mask": ""}
+        {"id": [p.stem for p in paths], "image": [str(p.resolve()) for p in paths], "mask": ""}
     )
 
 
@@ -119,8 +120,9 @@ def evaluate(predictor, df, *, out_dir=None, batch_size=8, progress=None, postpr
         predictor: a predictor (`inference.predictor`); its `structures`
             name its output channels when there are several.
         df: manifest (`list_images` or a dataset layout).
-        out_dir: str, Path or None. Where per_image.csv and summary.json go.
-            Defaults to None (nothing written).
+        out_dir: str, Path or None. Where per_image.csv and summary.json go,
+            checked first (`files.check_output`); each file is written whole or
+            not at all. Defaults to None (nothing written).
         batch_size: int. Images per forward pass. Defaults to 8.
         progress: callable or None. Called with the number of images done.
         postprocess: sequence of step names (`postprocess.STEPS`). Defaults to ().
@@ -137,6 +139,8 @@ def evaluate(predictor, df, *, out_dir=None, batch_size=8, progress=None, postpr
     """
     if report and out_dir is None:
         raise ValueError("`report=True` needs an `out_dir`.")
+    if out_dir is not None:
+        out_dir = files.check_output(out_dir)
     names = tuple(getattr(predictor, "structures", ()))
     # One unnamed structure: the `mask` column, unsuffixed columns, every score.
     structures = names if len(names) > 1 else (None,)
@@ -201,7 +205,7 @@ def evaluate(predictor, df, *, out_dir=None, batch_size=8, progress=None, postpr
                     row[_column("overlay", s)] = f"{REPORT_DIR}/{len(rows):05d}_{stem}.png"
                     truth = np.zeros(prob.shape[:2]) if truth is None else truth
                     panel = report_panel(np.asarray(img), truth > 0.5, final[..., k])
-                    Image.fromarray(panel).save(Path(out_dir) / row[_column("overlay", s)])
+                    files.save_image(panel, out_dir / row[_column("overlay", s)])
             rows.append(row)
         if progress:
             progress(len(batch))
@@ -221,10 +225,10 @@ def evaluate(predictor, df, *, out_dir=None, batch_size=8, progress=None, postpr
             for n, r in member_rows.items()
         }
     if out_dir is not None:
-        out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        per_image.to_csv(out_dir / "per_image.csv", index=False, float_format="%.6f")
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with files.atomic_path(out_dir / "per_image.csv") as tmp:
+            per_image.to_csv(tmp, index=False, float_format="%.6f")
+        files.write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         if report:
             write_report(per_image, summary, out_dir / "report.html")
     return per_image, summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import keras
@@ -75,12 +76,7 @@ def load_predictor(path, threshold=None):
             f"{path}: unknown model format (expected a run directory, a .keras file, "
             "a SavedModel folder or a .tflite file)"
         )
-    # Importing the builders registers their custom layers, which loading needs.
-    registry.names()
-    try:
-        model = keras.saving.load_model(model_file)
-    except Exception as e:  # noqa: BLE001 - any load failure is a bad input file
-        raise DataError(f"{model_file}: cannot load the model ({type(e).__name__}: {e})") from None
+    model = load_keras_model(model_file)
     method, color_constancy, names, activation, container = "", "none", (), "sigmoid", -1
     if cfg_file.exists():
         cfg = config_lib.load_config(cfg_file)
@@ -102,6 +98,28 @@ def load_predictor(path, threshold=None):
         float(threshold if threshold is not None else thr), str(path), notes, method,
         color_constancy, structures=tuple(names), container=container, activation=activation,
     )
+
+
+def load_keras_model(path, **kwargs):
+    """`keras.saving.load_model(path, **kwargs)`, its failures told in one line.
+
+    Raises:
+        DataError: `path` is missing, is not a `.keras` archive (a truncated or
+            corrupt file: Keras itself would say "File not found"), or does not load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such model file")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a Keras model file (truncated or corrupt: "
+                        f"{path.stat().st_size} bytes, not a .keras zip archive)")
+    # Importing the builders registers their custom layers, which loading needs.
+    registry.names()
+    try:
+        return keras.saving.load_model(path, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any load failure is a bad input file
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(f"{path}: cannot load the model ({type(e).__name__}: {first})") from None
 
 
 def recorded_outputs(cfg, model):

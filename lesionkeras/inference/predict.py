@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from lesionkeras import files
 from lesionkeras import postprocess as postprocess_lib
 from lesionkeras.inference.evaluate import _post_summary, _read_batches
 from lesionkeras.inference.predictor import mc_dropout_predictor, mc_probabilities
@@ -27,18 +26,21 @@ def predict(predictor, df, out_dir, *, probabilities=False, overlays=False, batc
     (mean probability x 255) and `<stem>_std.png` (standard deviation x 510:
     the std of values in [0, 1] is at most 0.5) are written too.
 
+    Every file is written whole or not at all (`files.save_image`), after
+    `out_dir` is checked (`files.check_output`).
+
     A K-structure model (`smile`, `multiclass`) writes one mask per structure
     instead: `<id>_<structure>.png` (e.g. `ISIC_0000000_globules.png`), and
     with the options `<id>_<structure>_prob.png` and `<id>_<structure>_overlay.png`.
     """
+    out_dir = files.check_output(out_dir)
     if mc_samples:
         # Checked first: a model without dropout must leave nothing written.
         mc_predictor, mc_layers = mc_dropout_predictor(predictor)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if postprocess:
-        (out_dir / "postprocess.json").write_text(
-            json.dumps(_post_summary(postprocess, post_cfg), indent=2) + "\n")
+        files.write_text(out_dir / "postprocess.json",
+                         json.dumps(_post_summary(postprocess, post_cfg), indent=2) + "\n")
     written = []
     for batch in _read_batches(df, batch_size, with_masks=False):
         images = [img for _, img, _ in batch]
@@ -58,18 +60,15 @@ def predict(predictor, df, out_dir, *, probabilities=False, overlays=False, batc
                 p = prob[..., k]
                 mask = p >= predictor.threshold if post_masks is None else post_masks[..., k]
                 suffix = "" if len(stems) > 1 else "_mask"
-                Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / f"{stem}{suffix}.png")
+                files.save_image((mask * 255).astype(np.uint8), out_dir / f"{stem}{suffix}.png")
                 if probabilities:
-                    Image.fromarray(np.round(p * 255).astype(np.uint8)).save(
-                        out_dir / f"{stem}_prob.png"
-                    )
+                    files.save_image(np.round(p * 255).astype(np.uint8), out_dir / f"{stem}_prob.png")
                 if overlays:
-                    Image.fromarray(overlay(img.numpy(), mask)).save(out_dir / f"{stem}_overlay.png")
+                    files.save_image(overlay(img.numpy(), mask), out_dir / f"{stem}_overlay.png")
                 if std is not None:
-                    Image.fromarray(np.round(p * 255).astype(np.uint8)).save(
-                        out_dir / f"{stem}_mean.png")
-                    Image.fromarray(np.round(np.clip(std[..., k] * 510, 0, 255)).astype(np.uint8)
-                                    ).save(out_dir / f"{stem}_std.png")
+                    files.save_image(np.round(p * 255).astype(np.uint8), out_dir / f"{stem}_mean.png")
+                    files.save_image(np.round(np.clip(std[..., k] * 510, 0, 255)).astype(np.uint8),
+                                     out_dir / f"{stem}_std.png")
             written.append(name)
         if progress:
             progress(len(batch))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import html
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from lesionkeras import files
 from lesionkeras.metrics.scores import SCORE_NAMES
 
 
@@ -94,7 +94,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}{style}</style>
 {cases}</table>
 </body></html>
 """
-    Path(path).write_text(page)
+    files.write_text(path, page)
 
 
 def _cell(value):

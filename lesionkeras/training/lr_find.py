@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from lesionkeras import files
 from lesionkeras.training import method as method_lib
 from lesionkeras.training.method import RunData
 from lesionkeras.training.segmentation import SegmentationMethod, build_model, compile_plain
@@ -209,16 +209,19 @@ def train_dataset(cfg):
 def run_lr_find(cfg, out_dir, *, min_lr=1e-7, max_lr=10.0, steps=100):
     """`lesionkeras lr-find`: range test of the model `cfg` describes.
 
-    Writes `out_dir/lr_find.csv` and `out_dir/lr_find.png` and returns the
+    Writes `out_dir/lr_find.csv` and `out_dir/lr_find.png` (each whole or not at
+    all; `out_dir` is checked first, `files.check_output`) and returns the
     `LRFindResult`. The schedule of `cfg` is ignored (the test drives the rate).
     """
+    out = files.check_output(out_dir)  # before the data and the test: they take a while
     keras.utils.set_random_seed(cfg.seed)
     ds, _ = train_dataset(cfg)
     cfg = cfg.override({"train.schedule": "constant"})
     model = compile_plain(build_model(cfg), cfg)
     result = lr_range_test(model, ds, min_lr=min_lr, max_lr=max_lr, steps=steps)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result.write_csv(out / "lr_find.csv")
-    plot(result, out / "lr_find.png")
+    with files.atomic_path(out / "lr_find.csv") as tmp:
+        result.write_csv(tmp)
+    with files.atomic_path(out / "lr_find.png") as tmp:
+        plot(result, tmp)
     return result

@@ -74,6 +74,7 @@ def run_dir_for(cfg, resume_dir, method):
     if resume_dir:
         run_dir = Path(resume_dir)
         saved = load_run_config(run_dir).to_dict()
+        files.check_output(run_dir)
         new = cfg.to_dict()
         for key in (*method_lib.RESUME_KEYS, *method.resume_keys):
             old_value, new_value = _lookup(saved, key), _lookup(new, key)
@@ -85,8 +86,8 @@ def run_dir_for(cfg, resume_dir, method):
 
 
 def new_run_dir(cfg):
-    """`cfg.out` (or a fresh `runs/<method>-<time>`), refused unless absent or empty."""
-    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method)
+    """`cfg.out` (or a fresh `runs/<method>-<time>`), refused unless absent or empty and writable."""
+    run_dir = files.check_output(cfg.out or default_run_dir(cfg.method))
     # The lock file and files a killed run had not finished writing do not count.
     if run_dir.exists() and any(p.name != files.LOCK_NAME and not files.is_temporary(p)
                                 for p in run_dir.iterdir()):
@@ -358,24 +359,30 @@ def fit_folds(cfg, folds=None, *, resume_dir=None, verbose=1, log=print,
         `FitResult` of `RUN` with the mean validation metrics over the folds.
 
     Raises:
-        ConfigError: K < 2, a fixed validation list, or a non-empty `RUN`.
+        ConfigError: K < 2, a fixed validation list, a non-empty `RUN`, or `RUN` in
+            use by another process.
+        DataError: the data cannot be used (checked before anything is written).
     """
     if resume_dir:
-        run_dir = Path(resume_dir)
-        folds = fold_count(run_dir)
-    else:
-        run_dir = new_run_dir(cfg)
+        folds = fold_count(resume_dir)
+    run_dir = run_dir_for(cfg, resume_dir, method_lib.create(cfg))
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise ConfigError(f"`--folds` must be an integer >= 2. Received: {folds!r}")
     if cfg.data.val_list:
         raise ConfigError("`--folds` makes its own validation splits; drop `data.val_list`")
     cfg = cfg.override({"out": str(run_dir)})
-    if not resume_dir:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        files.write_text(run_dir / FOLDS_FILE, json.dumps({"folds": folds}) + "\n")
-    cfg.save(run_dir / "config.toml")
+    # The data (and the method's own inputs) before anything is written: a refused
+    # run leaves no folds.json behind to refuse the corrected command.
+    prepare_data(cfg.override({"data.folds": folds, "data.fold": 0}))
+    run_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    with _names_run_dir_on_interrupt(run_dir):  # the folds' parent is what resumes
+    # The folds' parent is what resumes, and one process writes it, from folds.json
+    # to summary.json (each fold's own directory has its own lock too).
+    with _names_run_dir_on_interrupt(run_dir), files.run_lock(run_dir):
+        if not resume_dir:
+            new_run_dir(cfg)  # again: a run may have filled it while this one set up
+            files.write_text(run_dir / FOLDS_FILE, json.dumps({"folds": folds}) + "\n")
+        cfg.save(run_dir / "config.toml")
         for i in range(folds):
             fold_dir = run_dir / f"fold{i}"
             log(f"fold {i + 1} of {folds}")
@@ -385,11 +392,11 @@ def fit_folds(cfg, folds=None, *, resume_dir=None, verbose=1, log=print,
                 fold_cfg, resume_dir=fold_dir if started else None, verbose=verbose, log=log,
                 extra_callbacks=extra_callbacks,
             ))
-    per_fold = {f"fold{i}": r.metrics for i, r in enumerate(results)}
-    keys = [k for k in results[0].metrics if all(k in r.metrics for r in results)]
-    mean = {k: float(np.mean([r.metrics[k] for r in results])) for k in keys}
-    files.write_text(run_dir / "summary.json",
-                     json.dumps({"folds": folds, "mean": mean, "per_fold": per_fold}, indent=2) + "\n")
+        per_fold = {f"fold{i}": r.metrics for i, r in enumerate(results)}
+        keys = [k for k in results[0].metrics if all(k in r.metrics for r in results)]
+        mean = {k: float(np.mean([r.metrics[k] for r in results])) for k in keys}
+        files.write_text(run_dir / "summary.json", json.dumps(
+            {"folds": folds, "mean": mean, "per_fold": per_fold}, indent=2) + "\n")
     return FitResult(run_dir, mean, sum(r.epochs_run for r in results), results[0].warnings)
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from lesionkeras.data import layout
+from lesionkeras.data import check, layout
 from lesionkeras.data.classes import ATTRIBUTES
 from lesionkeras.errors import ConfigError, DataError
+from lesionkeras.files import atomic_folder, check_output
 
 #: The default structures: the lesion, then the ISIC 2018 Task 2 attributes.
 DEFAULT_STRUCTURES = ("lesion",) + ATTRIBUTES
@@ -91,7 +91,9 @@ def annotate(df: pd.DataFrame, structures, *, empty_means_missing=False, source=
 
     Raises:
         DataError: a structure has no mask column, a flag is not a boolean, a
-            flagged structure has no mask file, or a mask file is missing.
+            flagged structure has no mask file, or a mask file is missing, does
+            not decode or has another size than its image (`check.validate`;
+            every bad file is listed in `problems`).
     """
     df = df.copy()
     for name in structures:
@@ -120,6 +122,10 @@ def annotate(df: pd.DataFrame, structures, *, empty_means_missing=False, source=
             if flag and empty_means_missing and flag_col not in df and _is_empty_mask(path):
                 flags[i] = False
         df[flag_col] = np.asarray(flags, dtype=bool)
+    # Every listed mask file is read by training (annotated or not): each must decode
+    # and match its image's size, checked now rather than by TensorFlow mid-run.
+    check.validate(df, require_masks=False, mask_columns=[mask_column(n) for n in structures],
+                   image_sizes_only=True, source=source)
     return df
 
 
@@ -198,16 +204,16 @@ def write_dropped(source, out_dir, *, alpha, seed, structures=DEFAULT_STRUCTURES
         The written manifest DataFrame.
     """
 
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out_dir}: output folder exists and is not empty")
+    out = check_output(out_dir, whole=True, empty=True)
     df = layout.build_manifest(source)
     df = annotate(df, structures, empty_means_missing=empty_means_missing, source=str(source))
     df = drop_annotations(df, structures, alpha, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    layout.write_manifest(df, out / "manifest.csv")
     rows = [
         (i, s) for s in structures for i in df.loc[df[f"dropped_{s}"], "id"]
     ]
-    pd.DataFrame(rows, columns=["id", "structure"]).to_csv(out / "dropped.csv", index=False)
+    # Both files or neither. The manifest's relative paths are the same from the
+    # temporary folder as from `out`: they are siblings.
+    with atomic_folder(out) as tmp:
+        layout.write_manifest(df, tmp / "manifest.csv")
+        pd.DataFrame(rows, columns=["id", "structure"]).to_csv(tmp / "dropped.csv", index=False)
     return df
