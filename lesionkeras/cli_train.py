@@ -21,7 +21,7 @@ FIT_FLAGS = {
     "mixed_precision": "train.mixed_precision", "optimizer": "train.optimizer",
     "weight_decay": "train.weight_decay", "loss": "train.loss",
     "val_fraction": "data.val_fraction", "filters": "model.filters", "depth": "model.depth",
-    "progress": "train.progress",
+    "progress": "train.progress", "progress_metrics": "train.progress_metrics",
     "encoder_weights": "model.encoder_weights", "schedule": "train.schedule",
     "freeze_encoder_epochs": "train.freeze_encoder_epochs",
 }
@@ -134,6 +134,8 @@ def _overrides(flags):
 @click.option("--filters", type=click.IntRange(min=1), default=None, help="U-Net base filters.")
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="U-Net depth.")
 @click.option("--progress/--no-progress", default=None, help="Keras progress bar (default on).")
+@click.option("--progress-metrics", type=click.Choice(["compact", "all"]), default=None,
+              help="Progress bar: loss and Dice only (compact, default) or every metric (all).")
 @click.option("--encoder-weights", type=click.Path(exists=True), default=None,
               help="ResNet U-Nets: local encoder weights (.weights.h5 or keras-hub preset folder).")
 

@@ -141,6 +141,11 @@ class TrainConfig:
     )
     image_count: int = field(4, "Validation images shown in the TensorBoard grid.", minimum=1)
     progress: bool = field(True, "Show the Keras progress bar.")
+    progress_metrics: str = field(
+        "compact", "What the progress bar shows: `compact` (the loss, the Dice and the "
+        "method's monitored value, with their validation values) or `all` (every logged "
+        "value; all of them are in history.csv and TensorBoard either way).",
+        choices=("compact", "all"))
     freeze_encoder_epochs: int = field(
         0, "Train with the model's encoder frozen for the first N epochs, then train all "
         "(baseline, segan; models with an encoder, e.g. vgg19se; ISIC 2018 report: 50).",

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from lesionkeras import config as config_lib
 from lesionkeras.cli import main
+from lesionkeras.errors import ConfigError
 from lesionkeras.training import run as run_lib
 
 TINY = {"data.image_size": 32, "model.filters": 8, "model.depth": 2, "train.batch_size": 4,
@@ -179,3 +180,25 @@ def test_baseline_learns_synthetic_lesions(tmp_path):
     hist = pd.read_csv(result.run_dir / "history.csv")
     assert hist["loss"].iloc[-1] < hist["loss"].iloc[0]
     assert result.metrics["dice"] >= 0.75, result.metrics
+
+
+def test_compact_progress_bar_shows_loss_and_dice_only(capsys):
+    """K structures log a dozen values per step; the bar keeps the loss and the Dice
+    (and their validation values); `--progress-metrics all` keeps Keras' own bar."""
+    from lesionkeras.training.callbacks import CompactProgbar
+
+    logs = {"loss": 0.5, "dice": 0.7, "dice_lesion": 0.8, "jaccard_globules": 0.1,
+            "val_loss": 0.6, "val_dice": 0.65, "val_sensitivity_streaks": 0.2}
+    bar = CompactProgbar({"loss", "dice"})
+    bar.set_params({"verbose": 1, "epochs": 1, "steps": 1})
+    bar.on_train_begin()
+    bar.on_epoch_begin(0)
+    bar.on_train_batch_end(0, logs)
+    bar.on_epoch_end(0, logs)
+    out = capsys.readouterr().out
+    assert "loss: 0.5000" in out and "dice: 0.7000" in out and "val_dice: 0.6500" in out
+    assert "lesion" not in out and "globules" not in out and "streaks" not in out
+    cfg = config_lib.load_config(None, {"train.progress_metrics": "all"})
+    assert cfg.train.progress_metrics == "all"
+    with pytest.raises(ConfigError):
+        config_lib.load_config(None, {"train.progress_metrics": "some"})

@@ -208,6 +208,32 @@ class HistoryWriter(keras.callbacks.Callback):
         files.write_text(self.path, table.to_csv(index=False))
 
 
+class CompactProgbar(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar showing a few values: with K structures the full logs
+    (Dice, Jaccard, sensitivity... per structure, and their validation twins)
+    make a line wider than any terminal.
+
+    Args:
+        keys: iterable of str. Log keys shown (with their `val_` twins).
+    """
+
+    def __init__(self, keys):
+        super().__init__()
+        self.keys = {*keys, *(f"val_{k}" for k in keys)}
+
+    def _shown(self, logs):
+        return {k: v for k, v in (logs or {}).items() if k in self.keys}
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, self._shown(logs))
+
+    def on_test_batch_end(self, batch, logs=None):
+        super().on_test_batch_end(batch, self._shown(logs))
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, self._shown(logs))
+
+
 class SetEpoch(keras.callbacks.Callback):
     """Puts each epoch's number on the data clock before its batches are drawn (`data.epochs`)."""
 

@@ -36,7 +36,7 @@ from lesionkeras.training import compat, distribute
 from lesionkeras.training import method as method_lib
 from lesionkeras.training import callbacks as callbacks_lib
 from lesionkeras.training.callbacks import (
-    HistoryWriter, RunBackup, SaveCheckpoints, SetEpoch, StopOnNaN)
+    CompactProgbar, HistoryWriter, RunBackup, SaveCheckpoints, SetEpoch, StopOnNaN)
 from lesionkeras.training.method import RunData
 
 
@@ -225,6 +225,9 @@ def _train(method, cfg, data, run_dir, strategy, replicas, resume_dir, verbose, 
         backup.saver(),
         *extra_callbacks,
     ]
+    if cfg.train.progress_metrics == "compact":
+        # Keras adds its own bar only when the callbacks hold none.
+        callbacks.append(CompactProgbar({"loss", "dice", method.monitor}))
     log(f"{method.describe(model, data)}; strategy {type(strategy).__name__} with "
         f"{strategy.num_replicas_in_sync} replica(s); precision {policy}")
     epochs_run = _run_stages(model, strategy, stages, val_ds, callbacks, nan_stop, checkpoints,
