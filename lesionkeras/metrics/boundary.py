@@ -45,6 +45,7 @@ import math
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 BOUNDARY_NAMES = ("hd95", "assd")
 BOUNDARY_MM_NAMES = ("hd95_mm", "assd_mm")
@@ -118,10 +119,15 @@ def _crop(*masks):
 def surface_distances(truth, pred, spacing=None):
     """Distances from each surface pixel of one mask to the other mask's surface.
 
-    Both masks must be non-empty. The masks are cut to the bounding box of
-    their union first: every surface pixel and its nearest partner lie in it,
-    and a mask pixel on the box's edge has only background beyond it, so the
-    result is exact and a small lesion in a large image costs little.
+    Both masks must be non-empty. The surfaces are found on the masks cut to
+    the bounding box of their union (a mask pixel on the box's edge has only
+    background beyond it, so they are the same surfaces), then each surface
+    pixel's nearest partner comes from a k-d tree of the other surface's pixel
+    centres, in millimetres when `spacing` is given: exact Euclidean nearest
+    neighbours, as a distance transform of the other surface's complement
+    would give, at a cost that grows with the outline's length rather than the
+    image's area (a 4000 x 6000 pair: 0.3 s against 7 s, and no image-sized
+    float64 array).
 
     Args:
         truth: (H, W) mask (bool, or numbers with >= 0.5 foreground).
@@ -147,15 +153,13 @@ def surface_distances(truth, pred, spacing=None):
     if not (t.any() and p.any()):
         raise ValueError("surface_distances needs two non-empty masks; "
                          f"received {int(t.sum())} and {int(p.sum())} foreground pixels.")
-    sampling = check_spacing(spacing)
+    scale = np.asarray(check_spacing(spacing) or (1.0, 1.0))
     t, p = _crop(t, p)
-    st, sp = surface(t), surface(p)
-    # The distance transform of "not a surface pixel" is each pixel's distance
-    # to the nearest surface pixel; reading it on the other surface gives the
-    # directed distances.
-    to_pred = ndimage.distance_transform_edt(~sp, sampling=sampling)
-    to_truth = ndimage.distance_transform_edt(~st, sampling=sampling)
-    return to_pred[st], to_truth[sp]
+    points_t = np.argwhere(surface(t)) * scale
+    points_p = np.argwhere(surface(p)) * scale
+    to_pred = cKDTree(points_p).query(points_t)[0]
+    to_truth = cKDTree(points_t).query(points_p)[0]
+    return to_pred, to_truth
 
 
 def _scores(distances):
