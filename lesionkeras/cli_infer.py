@@ -37,6 +37,22 @@ POSTPROCESS_OPTION = click.option(
 )
 
 
+def _parse_spacing(ctx, param, value):
+    """`--pixel-spacing`: one positive number, or ROW,COLUMN; returned as a float pair."""
+    if value is None:
+        return None
+    try:
+        parts = [float(v) for v in value.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or not all(0 < v < float("inf") for v in parts):
+        raise click.BadParameter(
+            f"expected millimetres per pixel, one positive number or ROW,COLUMN; got {value!r}.")
+    return tuple(parts)
+
+
 def _load_predictor(model_paths, ensemble, tta, threshold):
     from lesionkeras.inference import loading
     from lesionkeras.inference.predictor import with_tta
@@ -73,13 +89,18 @@ def _load_predictor(model_paths, ensemble, tta, threshold):
               show_default=True,
               help="Score only the run's own training or validation images (needs a run "
                    "directory; the split is rebuilt from its config and seed).")
+@click.option("--pixel-spacing", metavar="MM[,MM]", default=None, callback=_parse_spacing,
+              help="Millimetres per pixel of the original images (one number, or ROW,COLUMN): "
+                   "also report hd95_mm and assd_mm. Default: boundary scores in pixels only.")
 
 
 @handle_errors
 def evaluate(model_paths, data, out, threshold, batch_size, limit, ensemble, tta, postprocess,
-             report, split):
+             report, split, pixel_spacing):
     """Score MODEL on a labelled folder: per-image CSV, summary JSON, table.
 
+    Overlap scores (Dice, Jaccard, ...) and boundary scores (hd95, assd: outline
+    distances in pixels of the original image; millimetres with --pixel-spacing).
     With --ensemble, MODEL... are averaged (and each is also scored alone).
     With --postprocess, scores with and without it are shown side by side.
     """
@@ -96,9 +117,10 @@ def evaluate(model_paths, data, out, threshold, batch_size, limit, ensemble, tta
 
     if tasks.run_task(model_path) != "segment":
         # ISIC 2018 Task 2/3 runs: their own metrics and reports.
-        if len(model_paths) > 1 or tta != "none" or postprocess or report or split != "all":
-            raise click.UsageError("--ensemble, --tta, --postprocess, --report and --split "
-                                   "are for segmentation runs only.")
+        if (len(model_paths) > 1 or tta != "none" or postprocess or report or split != "all"
+                or pixel_spacing):
+            raise click.UsageError("--ensemble, --tta, --postprocess, --report, --split and "
+                                   "--pixel-spacing are for segmentation runs only.")
         lines, _ = tasks.evaluate(model_path, data=data, out=out, batch_size=batch_size,
                                   limit=limit)
         click.echo("\n".join(lines))
@@ -132,7 +154,7 @@ def evaluate(model_paths, data, out, threshold, batch_size, limit, ensemble, tta
         _, summary = evaluation.evaluate(
             predictor, df, out_dir=out, batch_size=batch_size or 8, progress=bar.update,
             postprocess=steps, post_cfg=evaluation.postprocess_config(model_path),
-            report=report,
+            report=report, pixel_spacing=pixel_spacing,
         )
     click.echo(evaluation.format_summary(summary))
     click.echo(f"per-image scores: {Path(out) / 'per_image.csv'}")

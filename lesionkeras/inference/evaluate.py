@@ -27,6 +27,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif"}
 SCORE_COLUMNS = metrics_lib.SCORE_NAMES
 # The per-structure scores of a K-structure model (a narrower table).
 STRUCTURE_SCORES = ("dice", "jaccard", "sensitivity", "specificity")
+# Summary key: the images (per structure) whose boundary scores are undefined.
+UNDEFINED = "boundary_undefined"
 
 
 def list_images(source) -> pd.DataFrame:
@@ -90,7 +92,7 @@ def _post_summary(steps, post_cfg):
 
 
 def evaluate(predictor, df, *, out_dir=None, batch_size=8, progress=None, postprocess=(),
-             post_cfg=None, report=False):
+             post_cfg=None, report=False, pixel_spacing=None):
     """Scores every image at its original size, structure by structure.
 
     A single-structure model (one output channel, or one named structure) is
@@ -104,6 +106,15 @@ def evaluate(predictor, df, *, out_dir=None, batch_size=8, progress=None, postpr
     its `annotated_<name>` flag: labels removed by `data drop-labels` keep
     their file, so evaluation uses the full truth. Images without the file are
     left out of that structure's mean (its columns are empty).
+
+    Boundary scores (`metrics.boundary`) follow the same columns: `hd95` and
+    `assd` (`hd95_<structure>`, ...), distances in pixels of the original
+    image between the outlines of the truth and the thresholded prediction,
+    and `hd95_mm`, `assd_mm` when `pixel_spacing` is given. They are 0 when
+    truth and prediction are both empty and NaN (an empty cell) when exactly
+    one is: such images are left out of the boundary means and counted in the
+    summary as `boundary_undefined` (per structure, and in total). The mean
+    over structures of a boundary score is over the structures that have one.
 
     Post-processing works per structure: the dense CRF refines each output
     channel as its own two-label problem and morphology cleans each channel's
@@ -131,14 +142,20 @@ def evaluate(predictor, df, *, out_dir=None, batch_size=8, progress=None, postpr
             to `out_dir` (required then): one panel per image and structure
             (image | prediction tinted red, truth outlined green) in
             `report/<rank>_<id>[_<structure>].png`. Defaults to False.
+        pixel_spacing: None, or millimetres per pixel of the original images:
+            one number, or (row, column). Adds the `_mm` boundary scores.
+            Defaults to None (pixels only).
 
     Returns:
         (per-image DataFrame, summary dict). The summary holds the means of
-        the scores (over structures for K > 1) and, for K > 1, `structures`:
-        {name: {"images": n, score: mean}}.
+        the scores (over structures for K > 1), `boundary_undefined`,
+        `pixel_spacing` ([row, column] or None) and, for K > 1, `structures`:
+        {name: {"images": n, score: mean, "boundary_undefined": m}}.
     """
     if report and out_dir is None:
         raise ValueError("`report=True` needs an `out_dir`.")
+    spacing = metrics_lib.check_spacing(pixel_spacing)
+    boundary_names = metrics_lib.BOUNDARY_NAMES + (metrics_lib.BOUNDARY_MM_NAMES if spacing else ())
     if out_dir is not None:
         out_dir = files.check_output(out_dir)
     names = tuple(getattr(predictor, "structures", ()))
@@ -146,6 +163,7 @@ def evaluate(predictor, df, *, out_dir=None, batch_size=8, progress=None, postpr
     structures = names if len(names) > 1 else (None,)
     single = structures == (None,)
     score_names = SCORE_COLUMNS if single else STRUCTURE_SCORES
+    all_names = score_names + boundary_names
     suffixes = ("", "_post") if postprocess else ("",)
     if report:
         (Path(out_dir) / REPORT_DIR).mkdir(parents=True, exist_ok=True)
@@ -160,7 +178,9 @@ def evaluate(predictor, df, *, out_dir=None, batch_size=8, progress=None, postpr
 
     def scores_of(truth, pred):
         scores = metrics_lib.per_image_scores(truth, pred, threshold=threshold, from_logits=False)
-        return {k: float(np.asarray(scores[k]).reshape(-1)[0]) for k in score_names}
+        # The same binarisation as the overlap scores: truth at 0.5, prediction at the threshold.
+        return {k: float(np.asarray(scores[k]).reshape(-1)[0]) for k in score_names} | (
+            metrics_lib.boundary_scores(truth >= 0.5, pred >= threshold, spacing))
 
     for batch in _read_batches(df, batch_size, with_masks=single):
         images = [img for _, img, _ in batch]
@@ -190,7 +210,7 @@ def evaluate(predictor, df, *, out_dir=None, batch_size=8, progress=None, postpr
             for k, (s, truth) in enumerate(zip(structures, truths)):
                 for suffix in suffixes:
                     pred = prob[..., k] if not suffix else masks[suffix][..., k].astype(np.float32)
-                    scores = (dict.fromkeys(score_names, np.nan) if truth is None
+                    scores = (dict.fromkeys(all_names, np.nan) if truth is None
                               else scores_of(truth, pred))
                     row |= {_column(key, s, suffix): v for key, v in scores.items()}
             if not single:
@@ -210,9 +230,10 @@ def evaluate(predictor, df, *, out_dir=None, batch_size=8, progress=None, postpr
         if progress:
             progress(len(batch))
     per_image = pd.DataFrame(rows)
-    summary = {"model": predictor.source, "images": len(per_image), "threshold": threshold}
+    summary = {"model": predictor.source, "images": len(per_image), "threshold": threshold,
+               "pixel_spacing": list(spacing) if spacing else None}
     for suffix in suffixes:
-        per_structure, overall = _means(per_image, structures, score_names, suffix)
+        per_structure, overall = _means(per_image, structures, score_names, boundary_names, suffix)
         if not single:
             overall["structures"] = per_structure
         if suffix:
@@ -221,7 +242,8 @@ def evaluate(predictor, df, *, out_dir=None, batch_size=8, progress=None, postpr
             summary |= overall
     if members:
         summary["members"] = {
-            n: {k: float(pd.DataFrame(r)[k].mean()) for k in score_names}
+            n: {k: float(pd.DataFrame(r)[k].mean()) for k in all_names}
+            | {UNDEFINED: int(pd.DataFrame(r)["hd95"].isna().sum())}
             for n, r in member_rows.items()
         }
     if out_dir is not None:
@@ -239,19 +261,31 @@ def _column(score, structure, suffix=""):
     return f"{score}{suffix}" if structure is None else f"{score}_{structure}{suffix}"
 
 
-def _means(per_image, structures, score_names, suffix):
-    """Per structure, its scored images and mean scores; and the means over structures."""
+def _means(per_image, structures, score_names, boundary_names, suffix):
+    """Per structure, its scored images and mean scores; and the means over structures.
+
+    A boundary score's mean skips the images where it is undefined (NaN: one
+    of truth and prediction empty), which `UNDEFINED` counts; over structures,
+    it is the mean of the structures that have one.
+    """
     per_structure = {}
     for s in structures:
         scored = per_image[_column("dice", s, suffix)].notna() if len(per_image) else []
+        n = int(np.sum(scored))
+        rows = per_image.loc[scored] if n else None
         per_structure[s] = {
-            "images": int(np.sum(scored)),
-            **{k: float(per_image.loc[scored, _column(k, s, suffix)].mean())
-               if np.sum(scored) else float("nan") for k in score_names},
+            "images": n,
+            **{k: float(rows[_column(k, s, suffix)].mean()) if n else float("nan")
+               for k in score_names + boundary_names},
+            UNDEFINED: int(rows[_column("hd95", s, suffix)].isna().sum()) if n else 0,
         }
     scored = [v for v in per_structure.values() if v["images"]]
     overall = {k: float(np.mean([v[k] for v in scored])) if scored else float("nan")
                for k in score_names}
+    for k in boundary_names:
+        defined = [v[k] for v in scored if not np.isnan(v[k])]
+        overall[k] = float(np.mean(defined)) if defined else float("nan")
+    overall[UNDEFINED] = sum(v[UNDEFINED] for v in per_structure.values())
     return per_structure, overall
 
 
@@ -269,8 +303,45 @@ def _read_structure_mask(path, shape):
         raise DataError(f"{path}: cannot read mask ({e})") from None
 
 
+def boundary_keys(values):
+    """The boundary scores present in a summary (or one structure's entry of it)."""
+    return [k for k in metrics_lib.BOUNDARY_NAMES + metrics_lib.BOUNDARY_MM_NAMES if k in values]
+
+
+def _boundary_note(summary):
+    """The line under the table: units, and the images left out of the boundary means."""
+    spacing = summary.get("pixel_spacing")
+    units = "hd95, assd: pixels of the original image"
+    if spacing:
+        units += f"; _mm: millimetres at {spacing[0]:g} x {spacing[1]:g} mm per pixel (row x column)"
+    count = summary.get(UNDEFINED, 0)
+    post = summary.get("postprocess")
+    if post:
+        count = f"{count} raw, {post.get(UNDEFINED, 0)} post-processed"
+    return (f"{units}. Left out of their means (prediction or truth empty, not both): "
+            f"{count}")
+
+
+def _boundary_table(summary):
+    """The boundary scores of K structures: one row per score (then its post row), one
+    column per structure and the mean; `boundary_undefined` counts the images left out."""
+    per = summary["structures"]
+    post = summary.get("postprocess")
+    keys = boundary_keys(summary) + [UNDEFINED]
+    label = max(len(k) for k in keys) + len(" post")
+    width = max(11, *(len(s) for s in per))
+    lines = [f"{'boundary':<{label}}" + "".join(f"  {s:>{width}}" for s in [*per, "mean"])]
+    for k in keys:
+        for tag, values in (("", summary), (" post", post)) if post else (("", summary),):
+            cells = [values["structures"][s][k] for s in per] + [values[k]]
+            lines.append(f"{k + tag:<{label}}" + "".join(
+                f"  {c:>{width}}" if k == UNDEFINED else f"  {c:>{width}.4f}" for c in cells))
+    return lines
+
+
 def _format_structures(summary) -> str:
-    """One row per structure (raw and post-processed scores side by side), then the mean."""
+    """One row per structure (raw and post-processed scores side by side), then the mean;
+    below, the boundary scores with one column per structure."""
     per = summary["structures"]
     post = summary.get("postprocess")
     width = max(len("structure"), max(len(s) for s in per), len("mean"))
@@ -295,6 +366,8 @@ def _format_structures(summary) -> str:
         lines.append(f"{s:<{width}}  " + cells(v, post["structures"][s] if post else None)
                      + f"  {v['images']:>6}")
     lines.append(f"{'mean':<{width}}  " + cells(summary, post) + f"  {summary['images']:>6}")
+    if boundary_keys(summary):
+        lines += [""] + _boundary_table(summary) + [_boundary_note(summary)]
     return "\n".join(lines)
 
 
@@ -304,14 +377,17 @@ def format_summary(summary) -> str:
         return _format_structures(summary)
     width = max(len(k) for k in SCORE_COLUMNS)
     post = summary.get("postprocess")
+    keys = list(SCORE_COLUMNS) + boundary_keys(summary)
     if post:
         # Side by side: the raw masks and the post-processed ones.
         name = "+".join(post["steps"])
         lines = [f"{'metric':<{width}}  {'raw':>9}  {name:>9}   mean over {summary['images']} images"]
-        lines += [f"{k:<{width}}  {summary[k]:9.4f}  {post[k]:9.4f}" for k in SCORE_COLUMNS]
+        lines += [f"{k:<{width}}  {summary[k]:9.4f}  {post[k]:9.4f}" for k in keys]
     else:
         lines = [f"{'metric':<{width}}  mean over {summary['images']} images"]
-        lines += [f"{k:<{width}}  {summary[k]:.4f}" for k in SCORE_COLUMNS]
+        lines += [f"{k:<{width}}  {summary[k]:.4f}" for k in keys]
+    if boundary_keys(summary):
+        lines.append(_boundary_note(summary))
     for name, scores in summary.get("members", {}).items():
         lines.append(f"{name} alone: " + ", ".join(
             f"{k} {scores[k]:.4f}" for k in ("dice", "jaccard", "threshold_jaccard") if k in scores

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from lesionkeras import files
+from lesionkeras.metrics.boundary import BOUNDARY_MM_NAMES, BOUNDARY_NAMES
 from lesionkeras.metrics.scores import SCORE_NAMES
 
 
@@ -52,7 +53,10 @@ def write_report(per_image, summary, path):
     by raw Dice: the image's Dice for a single-structure model, its mean Dice
     over the structures it has a truth mask for (`dice_mean`) for K structures,
     whose rows also show the Dice of each structure (`-` where the structure
-    has no truth mask) and one panel per structure.
+    has no truth mask) and one panel per structure. The score table ends with
+    the boundary scores (HD95, ASSD; `-` where undefined) and the count of
+    images left out of their means; single-structure rows show each image's
+    HD95 beside its Jaccard.
 
     Args:
         per_image: DataFrame from `evaluate(..., report=True)`.
@@ -74,7 +78,7 @@ def write_report(per_image, summary, path):
         style = "img{max-width:640px}"
         about = (". Each panel: the image, then the prediction tinted red with the\n"
                  f"truth outlined green. Sorted by {key}")
-        case_heads = f"<th>jaccard{suffix}</th><th>overlay</th>"
+        case_heads = f"<th>jaccard{suffix}</th><th>hd95{suffix} (px)</th><th>overlay</th>"
     cases = "".join(
         f"<tr><td>{i + 1}</td><td>{html.escape(str(r['id']))}</td><td>{_cell(r[key])}</td>"
         + _image_cells(r, names, suffix) + "</td></tr>\n"
@@ -89,6 +93,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}{style}</style>
 <p>Model: {html.escape(str(summary['model']))}. {summary['images']} images, threshold
 {summary['threshold']:g}{about}, worst first.</p>
 <table>{_score_table(summary, names, post)}</table>
+{_boundary_paragraph(summary)}
 <h2>Images, worst {key} first</h2>
 <table><tr><th>rank</th><th>id</th><th>{key}</th>{case_heads}</tr>
 {cases}</table>
@@ -98,7 +103,22 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}{style}</style>
 
 
 def _cell(value):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(value)  # a count
     return "-" if pd.isna(value) else f"{value:.4f}"
+
+
+def _boundary_paragraph(summary):
+    """What the boundary scores measure, in which unit, and how empty masks count."""
+    if "hd95" not in summary:
+        return ""
+    spacing = summary.get("pixel_spacing")
+    mm = (f" (<code>_mm</code>: millimetres, {spacing[0]:g} x {spacing[1]:g} mm per pixel)"
+          if spacing else "")
+    return ("<p>hd95: 95th percentile, assd: mean of the distances between the outlines of "
+            f"truth and prediction, in pixels of the original image{mm}; 0 when both masks "
+            "are empty, undefined (<code>-</code>, left out of the means, counted in "
+            "boundary_undefined) when exactly one is.</p>")
 
 
 def _score_table(summary, names, post):
@@ -106,10 +126,12 @@ def _score_table(summary, names, post):
     steps = html.escape("+".join(post["steps"])) if post else ""
     if not names:
         head = "<tr><th>metric</th><th>raw</th>" + (f"<th>{steps}</th>" if post else "") + "</tr>"
+        keys = SCORE_NAMES + tuple(k for k in (*BOUNDARY_NAMES, *BOUNDARY_MM_NAMES,
+                                               "boundary_undefined") if k in summary)
         return head + "".join(
             f"<tr><td>{k}</td><td>{_cell(summary[k])}</td>"
             + (f"<td>{_cell(post[k])}</td>" if post else "") + "</tr>"
-            for k in SCORE_NAMES
+            for k in keys
         )
     # The scores of each structure, as `evaluate` recorded them after its image count.
     scores = [k for k in summary["structures"][names[0]] if k != "images"]
@@ -129,7 +151,7 @@ def _image_cells(r, names, suffix):
     """An image's row after its sort score: its other scores, then its panel(s)."""
     alt = html.escape(str(r["id"]))
     if not names:
-        return (f"<td>{_cell(r['jaccard' + suffix])}</td>"
+        return (f"<td>{_cell(r['jaccard' + suffix])}</td><td>{_cell(r.get('hd95' + suffix))}</td>"
                 f"<td><img src=\"{html.escape(r['overlay'])}\" alt=\"{alt}\">")
     return "".join(f"<td>{_cell(r[f'dice_{s}{suffix}'])}</td>" for s in names) + "<td>" + "".join(
         f"<figure><img src=\"{html.escape(r[f'overlay_{s}'])}\" alt=\"{alt} {html.escape(s)}\">"

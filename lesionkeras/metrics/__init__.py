@@ -21,8 +21,12 @@ Conventions for empty masks, chosen so no score is ever NaN and a correct
 * threshold_jaccard = jaccard if jaccard >= 0.65 else 0, per image and
   channel (ISIC 2018 Task 1).
 
+Boundary scores (`boundary`: HD95 and ASSD, numpy/scipy on full-size masks,
+`evaluate` only) have their own definitions and empty-mask conventions there:
+0 when both masks are empty, NaN when exactly one is.
+
 The package holds `scores` (the pure functions), `per_image` (the Keras metric
-classes and `default_metrics`) and `softmax` (`SoftmaxStructureScore`); this
+classes and `default_metrics`), `boundary` and `softmax` (`SoftmaxStructureScore`); this
 module re-exports their public names, and importing it registers every metric
 class for loading saved models.
 
@@ -34,6 +38,8 @@ Example:
     model.compile(optimizer="adam", loss="...", metrics=default_metrics())
 """
 
+from lesionkeras.metrics.boundary import (
+    BOUNDARY_MM_NAMES, BOUNDARY_NAMES, boundary_scores, check_spacing, surface, surface_distances)
 from lesionkeras.metrics.per_image import (
     Dice, Jaccard, PerImageScore, PixelAccuracy, Sensitivity, Specificity, ThresholdJaccard,
     default_metrics)
@@ -46,5 +52,6 @@ __all__ = [
     "ISIC_JACCARD_FLOOR", "SCORE_NAMES", "confusion_counts", "scores_from_counts",
     "threshold_jaccard", "per_image_scores", "PerImageScore", "Dice", "Jaccard",
     "ThresholdJaccard", "PixelAccuracy", "Sensitivity", "Specificity", "default_metrics",
-    "SoftmaxStructureScore",
+    "SoftmaxStructureScore", "BOUNDARY_NAMES", "BOUNDARY_MM_NAMES", "boundary_scores",
+    "check_spacing", "surface", "surface_distances",
 ]
