@@ -1,4 +1,4 @@
-"""Install lesionkeras: `pip install -e .` (add `[test]` for the test suite)."""
+"""Install lesionkeras: `pip install -e .` (add `[test]` for the test suite, `[onnx]` for ONNX export)."""
 
 import re
 from pathlib import Path
@@ -46,7 +46,13 @@ setup(
     ],
     # pytest-xdist: the suite runs in two worker processes (-n 2); most of a test's time is
     # single-threaded graph building, so two processes use both cores.
-    extras_require={"test": ["pytest", "pytest-xdist"]},
+    extras_require={
+        "test": ["pytest", "pytest-xdist"],
+        # `export --format onnx`: tf2onnx converts the serving function (1.17 is the
+        # first release without the protobuf < 4 pin that clashes with TensorFlow
+        # >= 2.20), onnxruntime runs the parity check and `predict`/`evaluate`.
+        "onnx": ["tf2onnx>=1.17", "onnx", "onnxruntime"],
+    },
     scripts=["bin/noise-table", "bin/clean-size-curve", "bin/missing-table"],
     entry_points={"console_scripts": ["lesionkeras=lesionkeras.cli:main"]},
 )

@@ -3,14 +3,18 @@
 One U-Net (the default: depth 4, 16 filters) is trained at 256 px on the
 synthetic set (96 images, 10 epochs: about 90 steps, a validation Dice near
 0.8; the header reports it) so that its masks resemble a deployed model's,
-then exported as a SavedModel and as TFLite float32, float16, dynamic-range
-and int8 (calibrated on synthetic images that are not among the test images).
+then exported as a SavedModel, as TFLite float32, float16, dynamic-range
+and int8 (calibrated on synthetic images that are not among the test images),
+and as ONNX (run with ONNX Runtime; the row is left out, with a note, when the
+extra `lesionkeras[onnx]` is not installed).
 Each contender is timed in alternation over several rounds (medians):
 per-image latency at batch 1 and images/s at batch 16. Keras is timed with
 `model.predict` on already normalised input (its reference in the goal); the
 artefacts take raw images and run their baked-in preprocessing. Agreement is
 the pooled Dice of each artefact's thresholded masks with the Keras model's
-on held-out synthetic images.
+on held-out synthetic images, and the largest absolute difference of its
+probabilities from Keras' there (the float exports' parity).
+TFLite and ONNX Runtime run with 2 threads, TensorFlow with its default.
 
 Goals (issue 6): TFLite int8 file <= 0.3 x the float32 file; int8 Dice
 agreement >= 0.98; TFLite float32 batch-1 latency <= Keras `model.predict`
@@ -69,9 +73,11 @@ def main() -> None:
     import tensorflow as tf
     from PIL import Image
 
-    from lesionkeras import export
+    from lesionkeras import export, export_onnx
     from lesionkeras.data import pipeline, synthetic
+    from lesionkeras.errors import DataError
     from lesionkeras.inference.loading import TFLiteRunner, load_predictor
+    from lesionkeras.inference.onnx_runner import OnnxRunner
 
     rounds = args.rounds or (3 if args.quick else 5)
     work = Path(tempfile.mkdtemp(prefix="lesionkeras-inference-bench-"))
@@ -92,12 +98,22 @@ def main() -> None:
         artefacts[name] = work / f"model_{q}.tflite"
         export.export_model(run, artefacts[name], format="tflite", quantize=q,
                             representative_data=rep if q == "int8" else None, min_dice=0.0)
+    notes = []
+    try:
+        export_onnx.check_available()
+    except DataError as e:
+        notes.append(f"ONNX row left out: {e}")
+    else:
+        artefacts["ONNX"] = work / "model.onnx"
+        started_onnx = time.perf_counter()
+        export.export_model(run, artefacts["ONNX"], format="onnx")
+        notes.append(f"ONNX export (conversion and parity check): "
+                     f"{time.perf_counter() - started_onnx:.1f} s")
 
     predictor = load_predictor(run)
     model = predictor.model
     raw = export.parity_images(SIZE, args.images, seed=args.seed + 2000).astype(np.float32)
     norm = pipeline.normalizer(predictor.mean, predictor.std)(raw).numpy()
-    reference = export.keras_probabilities(predictor, raw) >= predictor.threshold
 
     # One function per contender: raw 0-255 batch -> probabilities (Keras normalises
     # outside the timed call: `model.predict` on normalised input is the reference).
@@ -117,6 +133,9 @@ def main() -> None:
         "SavedModel": lambda x: loaded(images=tf.constant(x))["probabilities"].numpy(),
     }
     contenders.update({name: tflite(name) for name in artefacts if name.startswith("TFLite")})
+    if "ONNX" in artefacts:
+        onnx_runner = OnnxRunner(artefacts["ONNX"], num_threads=2)
+        contenders["ONNX"] = lambda x: onnx_runner(x)["probabilities"]
     inputs = {"Keras": norm}
 
     def call(name, batch):
@@ -132,11 +151,14 @@ def main() -> None:
             reps = 10 if key[1] == 1 else 2
             times[key].append(_common.timed(lambda: [fn() for _ in range(reps)]) / reps)
 
-    agreement = {}
+    agreement, max_diff = {}, {}
+    reference_probs = export.keras_probabilities(predictor, raw)
+    reference = reference_probs >= predictor.threshold
     for name, fn in contenders.items():
         x = inputs.get(name, raw)
         probs = np.concatenate([np.asarray(fn(x[i : i + 1])) for i in range(len(x))])
         agreement[name] = export.mask_dice(probs >= predictor.threshold, reference)
+        max_diff[name] = float(np.abs(probs - reference_probs).max())
 
     sizes = {"Keras": disk_size(run / "model.keras")}
     sizes.update({name: disk_size(path) for name, path in artefacts.items()})
@@ -144,10 +166,11 @@ def main() -> None:
     for name in contenders:
         b1 = _common.median(times[(name, 1)])
         b16 = _common.median(times[(name, 16)])
-        rows.append([name, b1 * 1000, 16 / b16, sizes[name] / 1e6, agreement[name]])
+        rows.append([name, b1 * 1000, 16 / b16, sizes[name] / 1e6, agreement[name],
+                     f"{max_diff[name]:.2g}"])
     table = _common.table(
         ["model", "batch-1 latency (ms/image)", "batch-16 images/s", "size (MB)",
-         "mask Dice vs Keras"], rows)
+         "mask Dice vs Keras", "max abs diff vs Keras"], rows)
 
     by = {r[0]: r for r in rows}
     fg = float(reference.mean())
@@ -167,6 +190,10 @@ def main() -> None:
         "- TFLite float32 / Keras model.predict batch-1 latency: "
         + _common.verdict(by["TFLite float32"][1] / by["Keras"][1], 1.0, False),
     ]
+    if "ONNX" in by:
+        lines.append(f"- ONNX / SavedModel batch-1 latency: {by['ONNX'][1] / by['SavedModel'][1]:.2f}; "
+                     f"ONNX / TFLite float32: {by['ONNX'][1] / by['TFLite float32'][1]:.2f}")
+    lines += ["", *notes]
     _common.emit("inference", "\n".join(lines), write=not args.no_write)
     shutil.rmtree(work, ignore_errors=True)
 

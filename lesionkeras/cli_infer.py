@@ -21,7 +21,7 @@ def _load_data(data, limit):
 ENSEMBLE_OPTION = click.option(
     "--ensemble", is_flag=True,
     help="Average the probabilities of several MODELs (any mix of runs, .keras, "
-         "SavedModels and .tflite files of the same task).",
+         "SavedModels, .tflite and .onnx files of the same task).",
 )
 TTA_OPTION = click.option(
     "--tta", type=click.Choice(["none", "flips"]), default="none", show_default=True,
@@ -224,13 +224,14 @@ def predict(model_paths, input_path, out, threshold, probabilities, overlay, bat
 
 @click.command(name="export")
 @click.argument("model_path", metavar="MODEL")
-@click.option("--format", "fmt", type=click.Choice(["savedmodel", "tflite"]),
+@click.option("--format", "fmt", type=click.Choice(["savedmodel", "tflite", "onnx"]),
               default="savedmodel", show_default=True,
-              help="SavedModel folder (TensorFlow Serving) or float32 .tflite file.")
+              help="SavedModel folder (TensorFlow Serving), .tflite file, or .onnx file "
+                   "(needs the extra: pip install 'lesionkeras[onnx]').")
 
 
 @click.option("--out", required=True,
-              help="Output folder (savedmodel) or .tflite file; must not exist yet.")
+              help="Output folder (savedmodel), .tflite or .onnx file; must not exist yet.")
 
 
 @THRESHOLD_OPTION

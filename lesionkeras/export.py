@@ -1,4 +1,4 @@
-"""Export a trained model as a SavedModel (TensorFlow Serving) or a TFLite file.
+"""Export a trained model as a SavedModel (TensorFlow Serving), a TFLite or an ONNX file.
 
 The exported graph takes raw 0-255 RGB images: the per-channel normalisation
 of the run and its logits -> probabilities mapping (the sigmoid, or for
@@ -18,7 +18,11 @@ It is float32 or quantised (`quantize`): `float16` weights, `dynamic`-range
 int8 weights, or full `int8` weights and activations calibrated on a
 representative dataset of real images (its input and output stay float32, so
 every TFLite file is called the same way).
-`lesionkeras.json` beside the model records the input size, channels,
+An ONNX file holds `serving_default` too, converted by `tf2onnx` from the same
+function (`export_onnx`, extra `lesionkeras[onnx]`), its batch dimension
+symbolic, and is checked with ONNX Runtime.
+`lesionkeras.json` beside the model (`model.lesionkeras.json` beside a
+`.tflite` or `.onnx` file) records the input size, channels,
 normalisation, threshold, method, activation (`sigmoid` or
 `softmax_structures`), structure names, quantisation and package version.
 
@@ -29,7 +33,7 @@ exports) or when the Dice agreement of their thresholded masks falls below
 `min_dice` (quantised exports, whose probabilities move by design). `out` is
 checked before the model loads (`files.check_output`); a SavedModel is built in
 a temporary folder next to `out` and renamed into place (`files.atomic_folder`),
-a TFLite file in a scratch folder and copied to `out` whole.
+a TFLite or ONNX file in a scratch folder and copied to `out` whole.
 
 Example:
 ```python
@@ -52,16 +56,19 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from lesionkeras import __version__, files
+from lesionkeras import __version__, export_onnx, files
 from lesionkeras.data import pipeline
 from lesionkeras.data.color import apply_color_constancy
 from lesionkeras.errors import DataError, LesionKerasError
 from lesionkeras.inference.evaluate import list_images
 from lesionkeras.inference.loading import TFLiteRunner, load_predictor
+from lesionkeras.inference.onnx_runner import OnnxRunner
 from lesionkeras.inference.predictor import probabilities_from_logits
 from lesionkeras.data import synthetic
 
-FORMATS = ("savedmodel", "tflite")
+FORMATS = ("savedmodel", "tflite", "onnx")
+# The single-file formats: the file's suffix, its metadata `<stem>.lesionkeras.json` beside it.
+FILE_SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx"}
 QUANTIZE = ("none", "float16", "dynamic", "int8")
 METADATA_FILE = "lesionkeras.json"
 SIGNATURES = ("serving_default", "serving_bytes")
@@ -76,9 +83,9 @@ class ExportResult:
     """What `export_model` wrote and how closely it matches the Keras model.
 
     Attributes:
-        path: Path. The SavedModel folder or the `.tflite` file.
+        path: Path. The SavedModel folder, or the `.tflite` or `.onnx` file.
         metadata_path: Path. The `lesionkeras.json` written beside it.
-        format: str. `savedmodel` or `tflite`.
+        format: str. `savedmodel`, `tflite` or `onnx`.
         max_abs_diff: float. Largest absolute probability difference.
         dice: float. Dice agreement of the thresholded masks (1.0 = identical).
         images: int. Number of parity images.
@@ -118,13 +125,15 @@ def serving_functions(model, image_size, mean, std, threshold, color_constancy="
         (serve, serve_bytes): `serve(images)` for a float32 batch of raw 0-255
         images at `S x S`; `serve_bytes(image_bytes)` for one encoded image.
     """
-    mean = tf.constant(mean, tf.float32)
-    std = tf.constant(std, tf.float32)
+    # Plain floats, made constants inside each traced graph: an eager tensor
+    # captured from here would become an extra input of a graph tf2onnx converts.
+    mean = [float(m) for m in mean]
+    std = [float(s) for s in std]
     size = (int(image_size), int(image_size))
 
     def probabilities(images):
         x = apply_color_constancy(tf.clip_by_value(images, 0.0, 255.0), color_constancy)
-        x = (x - mean) / std
+        x = (x - tf.constant(mean)) / tf.constant(std)
         return probabilities_from_logits(model(x, training=False), activation, container)
 
     def outputs(p):
@@ -286,6 +295,31 @@ def _run_tflite(path, images):
     return TFLiteRunner(path)(np.asarray(images, np.float32))["probabilities"]
 
 
+def _write_and_run_onnx(model_args, path, images, out):
+    """Converts to `path` and runs it in ONNX Runtime; a file that does not run is refused.
+
+    Returns:
+        (probabilities on `images`, metadata: opsets, converter and runtime versions).
+    """
+    serve, _ = serving_functions(export_onnx.inference_model(model_args[0]), *model_args[1:])
+    try:
+        onnx_model = export_onnx.write_onnx(serve, path, model_args[1])
+        runner = OnnxRunner(path)
+        probs = runner(images)["probabilities"]
+    except LesionKerasError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an op tf2onnx or ONNX Runtime does not support
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ParityError(f"{out}: the ONNX conversion does not run in ONNX Runtime "
+                          f"({type(e).__name__}: {first}); artefact removed") from e
+    return probs, {
+        "opset": {d.domain or "ai.onnx": d.version for d in onnx_model.opset_import},
+        # producer_version is "1.17.0 <git hash or None>".
+        "converter": f"{onnx_model.producer_name} {onnx_model.producer_version.split()[0]}",
+        "checked_with": runner.version,
+    }
+
+
 def _metadata(predictor, fmt, out_channels):
     return {
         "format": fmt,
@@ -308,12 +342,18 @@ def _metadata(predictor, fmt, out_channels):
     }
 
 
+def _metadata_path(out, fmt):
+    return out / METADATA_FILE if fmt == "savedmodel" else out.with_name(
+        f"{out.stem}.{METADATA_FILE}")
+
+
 def _check_out(out, fmt):
-    if fmt == "tflite" and out.suffix != ".tflite":
-        raise DataError(f"{out}: a TFLite export needs a .tflite file name")
-    files.check_output(out, kind="folder" if fmt == "savedmodel" else "file", whole=True)
-    if fmt == "tflite":  # its metadata goes beside it
-        files.check_output(out.with_name(f"{out.stem}.{METADATA_FILE}"), kind="file")
+    suffix = FILE_SUFFIXES.get(fmt)
+    if suffix and out.suffix != suffix:
+        raise DataError(f"{out}: a {fmt} export needs a {suffix} file name")
+    files.check_output(out, kind="file" if suffix else "folder", whole=True)
+    if suffix:  # its metadata goes beside it
+        files.check_output(_metadata_path(out, fmt), kind="file")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise DataError(f"{out}: already exists; choose a new --out")
 
@@ -325,9 +365,10 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
 
     Args:
         model_path: str or Path. Run directory or `.keras` file.
-        out: str or Path. SavedModel folder, or `.tflite` file; must not exist
-            (an empty folder is accepted).
-        format: str. `savedmodel` or `tflite`. Defaults to `savedmodel`.
+        out: str or Path. SavedModel folder, `.tflite` or `.onnx` file; must
+            not exist (an empty folder is accepted).
+        format: str. `savedmodel`, `tflite` or `onnx` (needs the extra
+            `lesionkeras[onnx]`). Defaults to `savedmodel`.
         parity_count: int. Synthetic images of the parity check. Defaults to 4.
         tolerance: float. Largest accepted absolute probability difference.
             Defaults to 1e-4.
@@ -344,8 +385,8 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
         ExportResult.
 
     Raises:
-        DataError: bad model path (or an exported artefact) or output path (nothing
-            written).
+        DataError: bad model path (or an exported artefact) or output path, or
+            for `onnx` the extra is not installed (nothing written).
         ParityError: the artefact differs from the Keras model (nothing left at `out`).
     """
     if format not in FORMATS:
@@ -362,6 +403,8 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
     log = log or (lambda line: None)
     out = Path(out)
     _check_out(out, format)
+    if format == "onnx":
+        export_onnx.check_available()
     predictor = load_predictor(model_path, threshold=threshold)
     if predictor.model is None:
         raise DataError(f"{model_path}: already exported; export a run directory or a .keras file")
@@ -378,23 +421,27 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
     odd_reference = predictor.probabilities([odd])[0]
 
     # A SavedModel is built in a temporary folder renamed to `out` at the end; a
-    # TFLite file is built in a scratch folder and copied to `out` whole.
+    # TFLite or ONNX file is built in a scratch folder and copied to `out` whole.
     workspace = files.atomic_folder(out) if format == "savedmodel" else files.scratch_folder(out)
+    model_args = (predictor.model, size, predictor.mean, predictor.std, predictor.threshold,
+                  _color_constancy(predictor), predictor.activation, predictor.container)
+    extra_meta = {}
     with workspace as tmp:
-        saved_model = tmp if format == "savedmodel" else tmp / "saved_model"
-        write_savedmodel(predictor.model, saved_model, size, predictor.mean, predictor.std,
-                         predictor.threshold, _color_constancy(predictor), predictor.activation,
-                         predictor.container)
+        artefact = tmp / out.name
+        if format == "onnx":
+            probs, extra_meta = _write_and_run_onnx(model_args, artefact, images, out)
+            diffs = [np.abs(probs - reference).max()]
+        else:
+            saved_model = tmp if format == "savedmodel" else tmp / "saved_model"
+            write_savedmodel(model_args[0], saved_model, *model_args[1:])
         if format == "savedmodel":
             probs, odd_probs = _run_savedmodel(saved_model, images, _png_bytes(odd))
             diffs = [np.abs(probs - reference).max(), np.abs(odd_probs - odd_reference).max()]
-            final, final_meta = out, out / METADATA_FILE
-        else:
-            artefact = tmp / out.name
+        elif format == "tflite":
             write_tflite(saved_model, artefact, quantize, representative)
             probs = _run_tflite(artefact, images)
             diffs = [np.abs(probs - reference).max()]
-            final, final_meta = out, out.with_name(f"{out.stem}.{METADATA_FILE}")
+        final, final_meta = out, _metadata_path(out, format)
         max_diff = float(max(diffs))
         dice = mask_dice(probs >= predictor.threshold, reference >= predictor.threshold)
         log(f"parity on {len(images)} synthetic images: max abs diff {max_diff:.3g}, "
@@ -411,6 +458,7 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
             )
         meta = _metadata(predictor, format, int(reference.shape[-1]))
         meta["quantize"] = quantize
+        meta |= extra_meta
         meta["parity"] = {"images": len(images), "max_abs_diff": max_diff, "dice": dice}
         meta["parity"] |= (
             {"tolerance": tolerance} if quantize == "none"
@@ -421,7 +469,7 @@ def export_model(model_path, out, *, format="savedmodel", parity_count=4, tolera
         if format == "savedmodel":
             (tmp / METADATA_FILE).write_text(text)  # published with the folder
         else:
-            # The metadata first: a .tflite file never appears without it.
+            # The metadata first: a .tflite or .onnx file never appears without it.
             files.write_text(final_meta, text)
             files.copy(artefact, out)
     return ExportResult(final, final_meta, format, max_diff, dice, len(images))

@@ -13,7 +13,7 @@ LAYERS = {
     "__init__": 0, "errors": 0, "config": 0, "config_fields": 0, "config_tables": 0,
     "shapes": 0, "console": 0, "files": 0,
     "data": 1, "models": 1, "losses": 1, "metrics": 1, "schedules": 1, "postprocess": 1,
-    "training": 2, "inference": 2, "export": 2, "classify": 2,
+    "training": 2, "inference": 2, "export": 2, "export_onnx": 2, "classify": 2,
     "methods": 3,
     "experiments": 4, "cli": 4, "cli_options": 4, "cli_train": 4, "cli_infer": 4, "cli_data": 4,
 }

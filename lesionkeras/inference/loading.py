@@ -1,4 +1,4 @@
-"""Loading a predictor from a run directory, a `.keras` file, a SavedModel or a `.tflite` file."""
+"""Loading a predictor from a run directory, a `.keras` file, a SavedModel, a `.tflite` or `.onnx` file."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from lesionkeras import schedules as _schedules  # noqa: F401 - registers the sc
 from lesionkeras.data import pipeline
 from lesionkeras.data.missing.labels import parse_structures
 from lesionkeras.errors import DataError
+from lesionkeras.inference.onnx_runner import OnnxRunner
 from lesionkeras.inference.predictor import EnsemblePredictor, Predictor
 from lesionkeras.models import registry
 
@@ -39,7 +40,7 @@ def load_predictor(path, threshold=None):
     A run directory holds model.keras + config.toml; a `.keras` file takes its
     preprocessing from a config.toml beside it when there is one (else
     ImageNet normalisation, threshold 0.5, with a note). The artefacts of
-    `lesionkeras export` (a SavedModel folder, a `.tflite` file) have their
+    `lesionkeras export` (a SavedModel folder, a `.tflite` or `.onnx` file) have their
     preprocessing baked in; size and threshold come from the `lesionkeras.json`
     beside them. A directory without `model.keras` but with `fold*/model.keras`
     gives an `EnsemblePredictor` averaging the folds.
@@ -61,7 +62,7 @@ def load_predictor(path, threshold=None):
         members = [load_predictor(d, threshold=threshold) for d in folds]
         return _ensemble(members, [d.name for d in folds], members[0].threshold, str(path))
     notes = []
-    if (path.is_dir() and (path / "saved_model.pb").exists()) or path.suffix == ".tflite":
+    if (path.is_dir() and (path / "saved_model.pb").exists()) or path.suffix in EXPORTED_FILES:
         return _load_exported(path, threshold)
     if path.is_dir():
         model_file, cfg_file = path / "model.keras", path / "config.toml"
@@ -74,7 +75,7 @@ def load_predictor(path, threshold=None):
     else:
         raise DataError(
             f"{path}: unknown model format (expected a run directory, a .keras file, "
-            "a SavedModel folder or a .tflite file)"
+            "a SavedModel folder, a .tflite or a .onnx file)"
         )
     model = load_keras_model(model_file)
     method, color_constancy, names, activation, container = "", "none", (), "sigmoid", -1
@@ -156,8 +157,8 @@ def load_ensemble(paths, threshold=None):
     """An `EnsemblePredictor` over several models of the same task.
 
     Any mix of run directories (a run with folds counts as one member, its
-    folds averaged first), `.keras` files, SavedModel folders and `.tflite`
-    files; each member keeps its own preprocessing.
+    folds averaged first), `.keras` files, SavedModel folders, `.tflite` and
+    `.onnx` files; each member keeps its own preprocessing.
 
     Args:
         paths: list of str or Path, at least two.
@@ -190,7 +191,7 @@ def _ensemble(members, names, threshold, source):
 
 
 def _load_exported(path, threshold):
-    """A `Predictor` over a SavedModel folder or a `.tflite` file from `lesionkeras export`."""
+    """A `Predictor` over a SavedModel folder, a `.tflite` or `.onnx` file from `lesionkeras export`."""
     if not path.exists():
         raise DataError(f"{path}: no such model file")
     meta_file = path / "lesionkeras.json" if path.is_dir() else path.with_suffix(
@@ -203,11 +204,13 @@ def _load_exported(path, threshold):
             def forward(batch):
                 return fn(images=tf.cast(batch, tf.float32))["probabilities"]
         else:
-            runner = TFLiteRunner(path)
+            runner = EXPORTED_FILES[path.suffix](path)
             size = runner.image_size
 
             def forward(batch):
                 return runner(np.asarray(batch, np.float32))["probabilities"]
+    except DataError:
+        raise  # already one line (e.g. the `onnx` extra is missing)
     except Exception as e:  # noqa: BLE001 - any load failure is a bad input file
         raise DataError(f"{path}: cannot load the exported model ({type(e).__name__}: {e})") from None
     notes, meta = [], {}
@@ -295,3 +298,8 @@ class TFLiteRunner:
             images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
         parts = [self._invoke(images[i : i + step]) for i in range(0, len(images), step)]
         return {k: np.concatenate([p[k] for p in parts])[:n] for k in self._outputs}
+
+
+# The single-file artefacts of `lesionkeras export`, by suffix: a runner taking a
+# float32 batch of raw images and returning a dict with `probabilities`.
+EXPORTED_FILES = {".tflite": TFLiteRunner, ".onnx": OnnxRunner}
