@@ -1,5 +1,9 @@
-"""Pieces several test files share: callbacks, a two-device fit, a tiny classify config."""
+"""Pieces several test files share: callbacks, a two-device fit, a tiny classify config,
+folders built once per test session."""
 
+import fcntl
+import os
+import shutil
 import subprocess
 import sys
 
@@ -93,3 +97,37 @@ def untrained_run(run, *, size, seed, overrides, out_channels=1):
     }).save(run / "config.toml")
     keras.backend.clear_session()
     return run
+
+
+def shared_dir(tmp_path_factory, name, build):
+    """A folder built once per test session and shared by every pytest-xdist worker.
+
+    The first worker to ask for `name` calls `build(path)` on a fresh folder; a worker
+    asking meanwhile waits for it, later ones find it done. Use it for a training run
+    that several tests only read (tests that change it copy it first), so one fit
+    serves them whichever worker runs them. A build that raised is retried by the
+    next caller.
+
+    Args:
+        tmp_path_factory: the pytest fixture.
+        name: str. Folder name, unique in the session.
+        build: callable(pathlib.Path). Fills the folder.
+
+    Returns:
+        pathlib.Path of the finished folder.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    root = root / "shared"
+    root.mkdir(exist_ok=True)
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            if path.exists():
+                shutil.rmtree(path)
+            path.mkdir()
+            build(path)
+            done.touch()
+    return path

@@ -41,9 +41,14 @@ def test_default_width_is_the_papers_256():
 @pytest.mark.slow
 def test_cli_supervised_fit_and_reload(tmp_path):
     run = tmp_path / "run"
+    # Plain SGD: an optimiser without slot variables is built before the step is traced,
+    # so Keras traces the ResNet50 train step once instead of twice (Adam creates its
+    # slots in the first trace, which makes TensorFlow trace again).
+    (tmp_path / "sgd.toml").write_text('[train]\noptimizer = "sgd"\nmomentum = 0.0\n')
     res = CliRunner().invoke(main, [
         "fit", "--model", "deeplabv3plus", "--filters", "1", "--image-size", "32",
         "--batch-size", "2", "--limit", "6", "--epochs", "1", "--no-progress", "--out", str(run),
+        "--config", str(tmp_path / "sgd.toml"),
     ])
     assert res.exit_code == 0, res.output
     model = keras.saving.load_model(run / "model.keras")  # no custom_objects

@@ -1,6 +1,7 @@
 """Noisy-mask baseline, `bin/noise-table` / `bin/clean-size-curve` and the meta learning test."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from lesionkeras import config as config_lib
 from lesionkeras.experiments import noisy as experiments
 from lesionkeras.experiments.cli import clean_size_curve, noise_table
 from lesionkeras.training import run
+from _helpers import shared_dir
 
 BIN = Path(__file__).resolve().parents[1] / "bin"
 
@@ -44,12 +46,38 @@ def test_baseline_trains_on_the_simulated_noisy_masks():
     assert "true_mask" not in plain
 
 
+@pytest.fixture(scope="module")
+def noise_table_run(tmp_path_factory):
+    """`noise_table` at one level, trained once for the tests that read it (or copy it):
+    its folder, the table it returned, and the `resume_dir` of each `run.fit` it called."""
+
+    def build(out):
+        calls = []
+        real_fit = run.fit
+
+        def fit(cfg, **kw):
+            calls.append(kw.get("resume_dir"))
+            return real_fit(cfg, **kw)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(run, "fit", fit)
+            table = experiments.noise_table(tiny_cfg(**{"train.epochs": 2}), out / "table",
+                                            levels=("maximal",), clean_count=4,
+                                            log=lambda line: None)
+        table.to_pickle(out / "returned.pkl")
+        (out / "calls.json").write_text(json.dumps([c and str(c) for c in calls]))
+
+    out = shared_dir(tmp_path_factory, "noise_table", build)
+    calls = [c and Path(c) for c in json.loads((out / "calls.json").read_text())]
+    return out / "table", pd.read_pickle(out / "returned.pkl"), calls
+
+
 @pytest.mark.slow
-def test_noise_table_writes_csv_markdown_plot_and_reuses_finished_runs(tmp_path):
+def test_noise_table_writes_csv_markdown_plot_and_reuses_finished_runs(noise_table_run,
+                                                                       tmp_path):
+    shutil.copytree(noise_table_run[0], tmp_path, dirs_exist_ok=True)  # run again below
+    table = noise_table_run[1]
     cfg = tiny_cfg(**{"train.epochs": 2})
-    lines = []
-    table = experiments.noise_table(cfg, tmp_path, levels=("maximal",), clean_count=4,
-                                    log=lines.append)
     assert list(table["noise"]) == ["none (supervised)", "maximal"]
     assert table.loc[0, ["noisy", "finetune", "meta"]].isna().all()
     assert table.loc[1, "supervised"] != table.loc[1, "supervised"]  # NaN
@@ -68,16 +96,21 @@ def test_noise_table_writes_csv_markdown_plot_and_reuses_finished_runs(tmp_path)
     assert f"| maximal |  | {100 * row['noisy']:.1f} | {100 * row['finetune']:.1f} |" in md
     assert (tmp_path / "noise_table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the same command again reads every finished run instead of training it
-    lines.clear()
+    lines = []
     again = experiments.noise_table(cfg, tmp_path, levels=("maximal",), clean_count=4,
                                     log=lines.append)
     pd.testing.assert_frame_equal(again, table)
     assert len(lines) == 3 and all("finished earlier" in line for line in lines)
 
 
-def test_noise_table_resumes_an_interrupted_run(tmp_path, monkeypatch):
+def test_noise_table_resumes_an_interrupted_run(noise_table_run, tmp_path, monkeypatch):
+    # The table's first cell (supervised) is this config's run_cell, trained afresh.
+    table_dir, _, table_calls = noise_table_run
     cfg = tiny_cfg(**{"train.epochs": 2})
-    calls = []
+    sup = cfg.override({"method": "baseline", "meta.simulate_noise": ""})
+    assert sup.to_dict() == cfg.to_dict()
+    shutil.copytree(table_dir / "supervised", tmp_path / "cell")
+    calls = [table_calls[0]]
     real_fit = run.fit
 
     def fit(cfg, **kw):
@@ -85,7 +118,7 @@ def test_noise_table_resumes_an_interrupted_run(tmp_path, monkeypatch):
         return real_fit(cfg, **kw)
 
     monkeypatch.setattr(run, "fit", fit)
-    first = experiments.run_cell(cfg, tmp_path / "cell", print)
+    first = json.loads((tmp_path / "cell" / "metrics.json").read_text())
     (tmp_path / "cell" / "metrics.json").unlink()  # as if stopped before the end
     second = experiments.run_cell(cfg, tmp_path / "cell", print)
     assert calls == [None, tmp_path / "cell"]

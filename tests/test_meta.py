@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from lesionkeras.cli import main
 from lesionkeras.models.unet import build_unet
 from lesionkeras.methods.reweight_step import MetaReweighter, normalize_weights
-from _helpers import fit_on_two_cpus
+from _helpers import fit_on_two_cpus, shared_dir
 
 
 def batch(seed=0, noisy=2, clean=4, size=32):
@@ -121,11 +121,22 @@ TINY = ["--method", "meta", "--simulate-noise", "3-vertex", "--clean-count", "4"
         "--depth", "2", "--limit", "16", "--epochs", "1", "--no-progress"]
 
 
+@pytest.fixture(scope="module")
+def forward_meta_run(tmp_path_factory):
+    """`fit --method meta --meta-grad forward` on TINY, trained once for the tests that
+    read it."""
+
+    def build(path):
+        res = CliRunner().invoke(main, ["fit", *TINY, "--meta-grad", "forward",
+                                        "--out", str(path / "run")])
+        assert res.exit_code == 0, res.output
+
+    return shared_dir(tmp_path_factory, "meta_forward_run", build) / "run"
+
+
 @pytest.mark.slow
-def test_cli_fit_meta_writes_a_plain_segmentation_model(tmp_path):
-    run = tmp_path / "run"
-    res = CliRunner().invoke(main, ["fit", *TINY, "--meta-grad", "forward", "--out", str(run)])
-    assert res.exit_code == 0, res.output
+def test_cli_fit_meta_writes_a_plain_segmentation_model(forward_meta_run):
+    run = forward_meta_run
     hist = pd.read_csv(run / "history.csv")
     for key in ("loss", "noisy_loss", "clean_loss", "zero_weight_fraction",
                 "zero_weight_steps", "dice", "val_dice"):
@@ -218,10 +229,8 @@ def test_weight_overlay_and_split_golden():
 
 
 @pytest.mark.slow
-def test_cli_fit_meta_writes_weight_maps_and_fig3(tmp_path):
-    run = tmp_path / "run"
-    res = CliRunner().invoke(main, ["fit", *TINY, "--meta-grad", "forward", "--out", str(run)])
-    assert res.exit_code == 0, res.output
+def test_cli_fit_meta_writes_weight_maps_and_fig3(forward_meta_run):
+    run = forward_meta_run
     tags = set()
     for f in (run / "tensorboard" / "weights").glob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(f)):

@@ -13,6 +13,7 @@ from lesionkeras.inference.loading import load_predictor
 from lesionkeras.cli import main
 from lesionkeras.data import synthetic
 from lesionkeras.training import run as run_lib
+from _helpers import shared_dir
 
 SIZE = 32
 
@@ -23,15 +24,18 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """A U-Net trained for a few epochs, so its masks are neither empty nor full."""
-    out = tmp_path_factory.mktemp("qrun") / "run"
-    cfg = config_lib.load_config(None, {
-        "data.image_size": SIZE, "model.filters": 8, "model.depth": 2, "train.batch_size": 8,
-        "train.progress": False, "data.limit": 48, "train.epochs": 4, "train.lr": 3e-3,
-        "out": str(out),
-    })
-    run_lib.fit(cfg, verbose=0, log=lambda *a: None)
-    return out
+    """A U-Net trained for a few epochs, so its masks are neither empty nor full (trained
+    once for every test here, whichever worker runs it)."""
+
+    def build(path):
+        cfg = config_lib.load_config(None, {
+            "data.image_size": SIZE, "model.filters": 8, "model.depth": 2,
+            "train.batch_size": 8, "train.progress": False, "data.limit": 48,
+            "train.epochs": 4, "train.lr": 3e-3, "out": str(path / "run"),
+        })
+        run_lib.fit(cfg, verbose=0, log=lambda *a: None)
+
+    return shared_dir(tmp_path_factory, "quantize_trained_run", build) / "run"
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +48,18 @@ def representative(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exports(trained_run, representative, tmp_path_factory):
-    """One .tflite per quantisation mode, written through the CLI."""
-    folder = tmp_path_factory.mktemp("tflite")
-    outputs = {}
-    for mode in export.QUANTIZE:
-        out = folder / f"{mode}.tflite"
-        extra = ["--representative-data", representative] if mode == "int8" else []
-        res = invoke("export", trained_run, "--format", "tflite", "--quantize", mode,
-                     *extra, "--out", out)
-        assert res.exit_code == 0, res.output
-        assert "mask dice" in res.output
-        outputs[mode] = out
-    return outputs
+    """One .tflite per quantisation mode, written through the CLI (once for every test)."""
+
+    def build(folder):
+        for mode in export.QUANTIZE:
+            extra = ["--representative-data", representative] if mode == "int8" else []
+            res = invoke("export", trained_run, "--format", "tflite", "--quantize", mode,
+                         *extra, "--out", folder / f"{mode}.tflite")
+            assert res.exit_code == 0, res.output
+            assert "mask dice" in res.output
+
+    folder = shared_dir(tmp_path_factory, "quantize_exports", build)
+    return {mode: folder / f"{mode}.tflite" for mode in export.QUANTIZE}
 
 
 @pytest.mark.slow

@@ -197,11 +197,21 @@ def _loss(model, x, y):
     return float(model.multiscale_loss(x, tf.sigmoid(logits), y, training=True))
 
 
-def test_clamping_holds_after_a_step():
+@pytest.fixture(scope="module")
+def stepped_trainer():
+    """The default trainer (clip 0.05) after one `train_on_batch` on `_batch()`, its logs,
+    and the critic's largest weight before the step. Its users only read it (one trace
+    of the SegAN step for them all)."""
     model = _trainer(clip=0.05)
     x, y = _batch()
-    assert max(float(np.abs(v).max()) for v in model.critic.trainable_variables) > 0.05
+    critic_max_before = max(float(np.abs(v).max()) for v in model.critic.trainable_variables)
     logs = model.train_on_batch(x, y, return_dict=True)
+    return model, logs, critic_max_before
+
+
+def test_clamping_holds_after_a_step(stepped_trainer):
+    model, logs, critic_max_before = stepped_trainer
+    assert critic_max_before > 0.05
     assert max(float(np.abs(v).max()) for v in model.critic.trainable_variables) <= np.float32(0.05)
     for key in ("loss", "critic_loss", "adversarial_loss", "dice", "jaccard"):
         assert np.isfinite(logs[key]), key
@@ -213,8 +223,9 @@ def test_critic_step_increases_the_loss():
     probs = tf.sigmoid(model.network(x, training=False))
     before = float(model.multiscale_loss(x, probs, y, training=True))
     seg_before = [v.numpy() for v in model.network.weights]
+    critic_step = tf.function(model.critic_step)  # traced once, not at every call
     for _ in range(3):
-        tf.function(model.critic_step)(x, probs, y)
+        critic_step(x, probs, y)
     assert float(model.multiscale_loss(x, probs, y, training=True)) > before
     for a, b in zip(seg_before, model.network.weights):
         np.testing.assert_array_equal(a, b)  # the segmentor is fixed
@@ -245,10 +256,9 @@ def test_supervised_term_and_warmup_switch():
         model.compile(seg_optimizer=opt, critic_optimizer=opt)
 
 
-def test_save_writes_the_segmentor_alone(tmp_path):
-    model = _trainer()
+def test_save_writes_the_segmentor_alone(stepped_trainer, tmp_path):
+    model = stepped_trainer[0]
     x, y = _batch()
-    model.train_on_batch(x, y)
     model.save(tmp_path / "m.keras")
     again = keras.saving.load_model(tmp_path / "m.keras")  # no custom_objects
     assert again.name == "segan" and not isinstance(again, SegANTrainer)
@@ -436,7 +446,7 @@ def test_hard_mining_dice_loss_bad_input():
 
 
 @pytest.mark.slow
-def test_hard_mining_term_in_the_segmentor_step():
+def test_hard_mining_term_in_the_segmentor_step(stepped_trainer):
     model = _trainer(hard_mining_weight=0.5, hard_mining_count=1)
     x, y = _batch(n=3)
     logs = model.train_on_batch(x, y, return_dict=True)
@@ -444,7 +454,8 @@ def test_hard_mining_term_in_the_segmentor_step():
     assert logs["loss"] == pytest.approx(
         logs["adversarial_loss"] + 0.5 * logs["hard_mining_loss"], rel=1e-5
     )
-    assert "hard_mining_loss" not in _trainer().train_on_batch(x, y, return_dict=True)
+    # The default trainer (no hard mining) logs no such term.
+    assert "hard_mining_loss" not in stepped_trainer[1]
     with pytest.raises(ValueError, match="hard_mining_count=0"):
         _trainer(hard_mining_weight=1.0, hard_mining_count=0)
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import keras
 import numpy as np
@@ -13,6 +14,7 @@ from lesionkeras import config as config_lib
 from lesionkeras.cli import main
 from lesionkeras.errors import ConfigError
 from lesionkeras.training import run as run_lib
+from _helpers import shared_dir
 
 TINY = {"data.image_size": 32, "model.filters": 8, "model.depth": 2, "train.batch_size": 4,
         "train.progress": False, "data.limit": 24}
@@ -22,6 +24,21 @@ def tiny_cfg(tmp_path, **extra):
     over = dict(TINY, out=str(tmp_path / "run"))
     over.update({k.replace("__", "."): v for k, v in extra.items()})
     return config_lib.load_config(None, over)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished one-epoch TINY run (seed 3), trained once for the tests that read it
+    (or copy it to change it)."""
+    def build(path):
+        run_lib.fit(tiny_cfg(path, train__epochs=1, seed=3), verbose=0)
+
+    return shared_dir(tmp_path_factory, "training_finished_run", build) / "run"
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
 
 
 def test_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
@@ -98,9 +115,8 @@ def test_resume_of_a_run_stopped_in_its_first_epoch_starts_at_epoch_0(tmp_path):
     assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0, 1]
 
 
-def test_resume_via_cli_extends_a_finished_run(tmp_path):
-    cfg = tiny_cfg(tmp_path, train__epochs=1)
-    run_lib.fit(cfg, verbose=0)
+def test_resume_via_cli_extends_a_finished_run(finished_run, tmp_path):
+    copy_of(finished_run, tmp_path)
     res = CliRunner().invoke(main, ["fit", "--resume", str(tmp_path / "run"), "--epochs", "2"])
     assert res.exit_code == 0, res.output
     assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 2
@@ -120,8 +136,8 @@ def test_resume_via_cli_extends_a_finished_run(tmp_path):
     assert (tmp_path / "run" / "config.toml").read_bytes() == config
 
 
-def test_refuses_to_overwrite_a_run(tmp_path):
-    run_lib.fit(tiny_cfg(tmp_path, train__epochs=1), verbose=0)
+def test_refuses_to_overwrite_a_run(finished_run, tmp_path):
+    copy_of(finished_run, tmp_path)
     res = CliRunner().invoke(
         main, ["fit", "--out", str(tmp_path / "run"), "--limit", "8", "--image-size", "32"]
     )
@@ -140,10 +156,10 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
     assert "Traceback" not in res.output
 
 
-def test_seeded_runs_are_reproducible(tmp_path):
-    a = run_lib.fit(tiny_cfg(tmp_path / "a", train__epochs=1, seed=3), verbose=0)
+def test_seeded_runs_are_reproducible(finished_run, tmp_path):
+    # The shared run was trained earlier in this session, with the same config and seed.
     b = run_lib.fit(tiny_cfg(tmp_path / "b", train__epochs=1, seed=3), verbose=0)
-    ha = pd.read_csv(a.run_dir / "history.csv")
+    ha = pd.read_csv(finished_run / "history.csv")
     hb = pd.read_csv(b.run_dir / "history.csv")
     np.testing.assert_allclose(ha["loss"], hb["loss"], rtol=1e-5)
 
