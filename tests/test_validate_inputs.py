@@ -211,3 +211,44 @@ def test_a_truncated_model_is_named_as_such(command, run_dir, tmp_path):
     assert error_lines(res) == [f"error: {bad / 'model.keras'}: not a Keras model file "
                                 "(truncated or corrupt: 5000 bytes, not a .keras zip archive)"]
     assert not out.exists()
+
+
+
+@pytest.fixture
+def writes(monkeypatch):
+    """Names of the files written through `files.atomic_path` (config.toml, checkpoints...)."""
+    names = []
+    real_atomic_path = files.atomic_path
+
+    def spy(path, *args, **kwargs):
+        names.append(Path(path).name)
+        return real_atomic_path(path, *args, **kwargs)
+
+    monkeypatch.setattr(files, "atomic_path", spy)
+    return names
+
+
+def test_meta_without_clean_training_images_is_refused_before_anything_is_written(
+        tmp_path, writes):
+    # One clean image, sent to validation: none is left for the clean stream.
+    clean = write_generic(tmp_path / "clean", n=1)
+    noisy = write_generic(tmp_path / "noisy")
+    run = tmp_path / "run"
+    res = invoke("fit", "--method", "meta", "--noisy-data", noisy, "--clean-data", clean,
+                 "--val-fraction", 0.6, "--out", run, *TINY)
+    assert res.exit_code == 2, res.output
+    assert "needs both noisy and clean training images (found 6 noisy, 0 clean)" in \
+        error_lines(res)[0]
+    assert writes == [] and not run.exists()
+
+
+def test_multitask_init_from_a_missing_run_is_refused_before_anything_is_written(
+        tmp_path, writes):
+    config = tmp_path / "init.toml"
+    config.write_text(f'[attributes]\ninit_from = "{tmp_path / "nowhere"}"\n')
+    run = tmp_path / "run"
+    res = invoke("fit", "--task", "attributes", "--method", "multitask", "--config", config,
+                 "--out", run, "--image-size", SIZE, "--epochs", 1, "--no-progress")
+    assert res.exit_code == 2, res.output
+    assert "nowhere: `attributes.init_from` must be a run directory" in error_lines(res)[0]
+    assert writes == [] and not run.exists()

@@ -61,14 +61,24 @@ def datasets(cfg, df, training, batch_size=None):
     )
 
 
-def init_encoder(network, source):
-    """Copies the `encoder` weights of a Task 1 run (or `.keras` file) into `network`."""
+def init_source(source):
+    """The `.keras` file that `attributes.init_from` names (a run directory or the file).
+
+    Raises:
+        ConfigError: neither exists.
+    """
     path = Path(source)
     if path.is_dir():
         path = path / "model.keras"
     if not path.is_file():
         raise ConfigError(f"{source}: `attributes.init_from` must be a run directory or a "
                           ".keras file (not found)")
+    return path
+
+
+def init_encoder(network, source):
+    """Copies the `encoder` weights of a Task 1 run (or `.keras` file) into `network`."""
+    path = init_source(source)
     task1 = load_keras_model(path, compile=False)
     try:
         network.get_layer("encoder").set_weights(task1.get_layer("encoder").get_weights())

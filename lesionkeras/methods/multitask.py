@@ -166,6 +166,8 @@ class Multitask(Method):
         if size % attributes.SIZE_MULTIPLE:
             raise ConfigError(f"`data.image_size`/`data.crop_size` ({size}) must be a multiple "
                               f"of {attributes.SIZE_MULTIPLE} for the VGG19 features")
+        if self.cfg.attributes.init_from:
+            attributes.init_source(self.cfg.attributes.init_from)  # before anything is written
 
     def manifest(self):
         cfg = self.cfg

@@ -278,6 +278,10 @@ class Reweight(SegmentationMethod):
     def prepare_manifest(self, df):
         return prepare_manifest(self.cfg, df)
 
+    def prepare(self, data):
+        split_streams(self.cfg, data.train_df)  # refuses a run without both, before any write
+        super().prepare(data)
+
     def stages(self, data):
         return stages(self.cfg, data.train_df, data.mean, data.std)
 
