@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from lesionkeras import config as config_lib
 from lesionkeras.experiments import noisy as experiments
 from lesionkeras.experiments.cli import clean_size_curve, noise_table
+from lesionkeras.experiments.cli import missing_table as missing_table_command
 from lesionkeras.training import run
 from _helpers import shared_dir
 
@@ -155,6 +156,33 @@ def test_experiment_commands_reject_bad_options(tmp_path, command, args, message
     assert res.exit_code == 2
     assert message in res.output
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("command", [noise_table, clean_size_curve, missing_table_command])
+def test_experiment_commands_refuse_an_output_that_is_a_file(tmp_path, command):
+    out = tmp_path / "t"
+    out.write_text("notes")
+    res = CliRunner().invoke(command, ["--out", str(out), "--epochs", "1"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().startswith("error: ") and str(out) in res.output
+    assert "Traceback" not in res.output
+    assert out.read_text() == "notes"
+
+
+def test_write_table_writes_each_file_whole(tmp_path):
+    seen = []
+
+    def plot(df, path):
+        seen.append(path)
+        path.write_bytes(b"png")
+
+    df = pd.DataFrame({"noise": ["a"], "meta": [0.5]})
+    experiments.write_table(tmp_path / "t", "table", df, "| md |\n", plot)
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [
+        "table.csv", "table.md", "table.png"]
+    assert seen[0].name != "table.png" and seen[0].suffix == ".png"  # drawn under a temporary name
+    assert (tmp_path / "t" / "table.csv").read_text() == "noise,meta\na,0.5000\n"
+    assert (tmp_path / "t" / "table.md").read_text() == "| md |\n"
 
 
 def test_bin_scripts_run_as_programs():

@@ -55,6 +55,9 @@ def _base_config(config_file, flags):
 
 
 def _run(fn, out, name, markdown=None):
+    from lesionkeras import files
+
+    files.check_output(out)  # before the first run: a file in the way, no write access...
     try:
         df = fn()
     except KeyboardInterrupt:
@@ -129,8 +132,7 @@ def clean_size_curve(config_file, out, sizes, level, methods, **flags):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Folder of the runs and the table files.")
+@click.option("--out", required=True, help="Folder of the runs and the table files.")
 @click.option("--data", default=None, help="Data folder, manifest CSV or `synthetic`.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML config every run starts from.")

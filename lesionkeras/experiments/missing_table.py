@@ -24,7 +24,7 @@ import pandas as pd
 from lesionkeras import config as config_lib
 from lesionkeras.data import missing
 from lesionkeras.errors import ConfigError
-from lesionkeras.experiments.noisy import run_cell
+from lesionkeras.experiments.noisy import run_cell, write_table
 
 METHODS = ("multiclass", "smile", "smiler")
 
@@ -109,10 +109,8 @@ def _warm_start(smile_dir, run_dir, cfg):
 
 
 def _write(table, names, out):
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "missing_table.csv", index=False, float_format="%.4f")
-    (out / "missing_table.md").write_text(to_markdown(table, names) + "\n")
-    plot(table, names, out / "missing_table.png")
+    write_table(out, "missing_table", table, to_markdown(table, names) + "\n",
+                lambda df, path: plot(df, names, path))
 
 
 def to_markdown(table, names) -> str:

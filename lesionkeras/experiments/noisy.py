@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lesionkeras import files
 from lesionkeras.data import noise
 from lesionkeras.training import run
 
@@ -95,7 +96,7 @@ def noise_table(base_cfg, out, *, levels=noise.LEVELS, clean_count=100, log=prin
             row[method] = run_cell(cfg, out / level / method, log)["dice"]
         row["noisy"] = noise_stage_dice(out / level / "finetune", base_cfg.train.epochs)
         rows.append(row)
-        _write(_table_frame(rows), out, "noise_table", _plot_table)  # partial results on disk
+        _write_frame(_table_frame(rows), out, "noise_table", _plot_table)  # partial results on disk
     return _table_frame(rows)
 
 
@@ -128,7 +129,7 @@ def clean_size_curve(base_cfg, out, *, sizes=(10, 25, 50, 100), level="3-vertex"
             })
             row[method] = run_cell(cfg, out / f"clean{size}" / method, log)["dice"]
         rows.append(row)
-        _write(pd.DataFrame(rows), out, "clean_size_curve", _plot_curve)
+        _write_frame(pd.DataFrame(rows), out, "clean_size_curve", _plot_curve)
     return pd.DataFrame(rows)
 
 
@@ -146,11 +147,21 @@ def _markdown(df) -> str:
     return "\n".join(lines) + "\n\nValidation Dice (%) of each run's best checkpoint.\n"
 
 
-def _write(df, out: Path, name: str, plot):
+def write_table(out: Path, name: str, df, markdown: str, plot):
+    """Writes `out/name.csv`, `.md` and `.png` (drawn by `plot(df, path)`), each atomically.
+
+    A table is rewritten after each row: a reader, or a kill, never meets a
+    half-written file.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / f"{name}.csv", index=False, float_format="%.4f")
-    (out / f"{name}.md").write_text(_markdown(df))
-    plot(df, out / f"{name}.png")
+    files.write_text(out / f"{name}.csv", df.to_csv(index=False, float_format="%.4f"))
+    files.write_text(out / f"{name}.md", markdown)
+    with files.atomic_path(out / f"{name}.png") as tmp:  # keeps the suffix: PNG
+        plot(df, tmp)
+
+
+def _write_frame(df, out: Path, name: str, plot):
+    write_table(out, name, df, _markdown(df), plot)
 
 
 def _plot_table(df, path):
