@@ -301,3 +301,27 @@ def test_validate_lists_every_error_at_once(tmp_path):
     assert "error: images/lonely.png: no mask for this image" in text
     assert "error: masks/odd_mask.png: mask is 4x4 but image is 8x8" in text
     assert "warning: images/gray.png: grayscale image (mode L), converted to RGB" in text
+
+
+def test_files_are_decoded_once_until_they_change(tmp_path, monkeypatch):
+    from lesionkeras.data import check
+
+    for i in range(3):
+        _pair(tmp_path, f"case{i}")
+    df = build_manifest(tmp_path)
+    decoded = []
+    real = check._check_row
+    monkeypatch.setattr(check, "_check_row",
+                        lambda image, *a, **k: decoded.append(os.path.basename(image))
+                        or real(image, *a, **k))
+    check._check_row_once.cache_clear()
+    assert validate(df).n_images == 3
+    assert sorted(decoded) == ["case0.png", "case1.png", "case2.png"]
+    validate(df)  # e.g. the next fold of `fit --folds`
+    assert len(decoded) == 3
+    # A mask rewritten at another size is read again and refused.
+    os.remove(tmp_path / "masks" / "case1.png")
+    _mask(tmp_path / "masks" / "case1.png", size=(SIZE, SIZE // 2))
+    with pytest.raises(DataError, match="case1.png: mask is 8x4 but image is 8x8"):
+        validate(df)
+    assert decoded[3:] == ["case1.png"]

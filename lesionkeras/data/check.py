@@ -16,6 +16,7 @@ file, but the user may want to know.
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -138,7 +139,9 @@ def check_manifest(df, *, require_masks=True, mask_columns=("mask",), image_size
     total = len(jobs)
 
     def run(job):
-        return _check_row(job[0], job[1], require_masks, image_sizes_only)
+        image, masks = job[0], tuple(job[1])
+        stamps = (_stamp(image),) + tuple(_stamp(path) for _, path in masks)
+        return _check_row_once(image, masks, require_masks, image_sizes_only, stamps)
 
     results = []
     if workers <= 1:
@@ -284,6 +287,25 @@ class _RowResult:
     size: tuple = None
     coverage: float = None
     problems: list = dataclasses.field(default_factory=list)
+
+
+def _stamp(path):
+    """What tells a file's versions apart without reading it: (inode, size, mtime ns)."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns) if st else None
+
+
+@functools.lru_cache(maxsize=200_000)
+def _check_row_once(image_path, masks, require_masks, image_sizes_only, stamps):
+    """`_check_row`, remembered while the files keep their stamps (`_stamp`).
+
+    The folds of `fit --folds K` and the cells of an experiment table each
+    validate the same files in one process: each file is decoded once.
+    """
+    return _check_row(image_path, list(masks), require_masks, image_sizes_only)
 
 
 def _check_row(image_path, masks, require_masks, image_sizes_only=False):
